@@ -1,0 +1,1 @@
+"""pyshim: a containerd shim v2 in Python (runtime io.containerd.pyshim.v1)."""
