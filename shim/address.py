@@ -1,0 +1,85 @@
+"""Where a shim listens, and how containerd finds it again.
+
+The socket is a file (never an abstract socket: those are reachable from the whole
+network namespace) with owner-only permissions, named like containerd's runc shim names
+its own: a hash of (containerd address, namespace, group). Containers of one group (a
+pod) therefore meet at the same address, and a second `start` for the group finds the
+shim that already serves it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import socket
+
+SOCKET_DIR = "/run/containerd/s"
+GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
+
+
+def group_id(bundle: str, cid: str) -> str:
+    """The group a container's shim serves: the first grouping annotation, else its id."""
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            annotations = json.load(f).get("annotations") or {}
+    except (OSError, ValueError, AttributeError):
+        return cid
+    for key in GROUP_ANNOTATIONS:
+        value = annotations.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return cid
+
+
+def socket_path(containerd_address: str, namespace: str, group: str,
+                socket_dir: str = SOCKET_DIR) -> str:
+    digest = hashlib.sha256(os.path.join(containerd_address, namespace, group).encode())
+    return os.path.join(socket_dir, digest.hexdigest())
+
+
+def listen(path: str) -> socket.socket | None:
+    """Listen on `path`; None when a live shim already listens there."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+            if is_live(path):
+                sock.close()
+                return None
+            os.unlink(path)  # left by a shim that died
+            sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def is_live(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def write_address_file(bundle: str, address: str) -> None:
+    """<bundle>/address, written atomically: containerd reads it to reconnect."""
+    tmp = os.path.join(bundle, ".address.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, address.encode())
+    finally:
+        os.close(fd)
+    os.rename(tmp, os.path.join(bundle, "address"))

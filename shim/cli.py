@@ -1,0 +1,125 @@
+"""The binary contract: `containerd-shim-pyshim-v1 [flags] start|delete`, `-v`.
+
+containerd runs the binary with Go-style flags (single dash, value as the next word or
+after `=`), the bundle as cwd, and reads `start`'s combined stdout+stderr to EOF: so
+nothing but the address may be written there, and the daemon must not keep that pipe.
+Imports are deferred to the action that needs them: `start` and `delete` are on the
+critical path of every container.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+VERSION = "0.1.0"
+RUNTIME = "io.containerd.pyshim.v1"
+
+BOOL_FLAGS = {"debug", "v", "version", "info"}
+VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket",
+               "debug-socket", "containerd-binary"}
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse(argv: list[str]) -> tuple[dict[str, str | bool], list[str]]:
+    """Go `flag` parsing: flags end at the first non-flag word or at `--`."""
+    flags: dict[str, str | bool] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in BOOL_FLAGS:
+            flags[name] = value.lower() not in ("false", "0") if eq else True
+        elif name in VALUE_FLAGS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = argv[i]
+            flags[name] = value
+        else:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        i += 1
+    return flags, argv[i:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        flags, args = parse(argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if flags.get("v") or flags.get("version"):
+        print(f"containerd-shim-pyshim-v1:\n  Runtime: {RUNTIME}\n  Version: {VERSION}\n"
+              f"  Python: {sys.version.split()[0]}")
+        return 0
+    action = args[0] if args else ""
+    namespace = str(flags.get("namespace", ""))
+    cid = str(flags.get("id", ""))
+    if action in ("start", "delete") and (not namespace or not cid):
+        print(f"{action}: -namespace and -id are required", file=sys.stderr)
+        return 2
+    if action == "start":
+        return start(flags, namespace, cid)
+    if action == "delete":
+        from shim.cleanup import delete
+        return delete(namespace, cid, str(flags.get("bundle") or os.getcwd()),
+                      bool(flags.get("debug")))
+    print(f"unknown action {action!r}: expected start or delete", file=sys.stderr)
+    return 2
+
+
+def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
+    from shim import address
+
+    bundle = os.getcwd()
+    options = _read_stdin()  # runtime options (an Any); Create carries them again
+    del options
+    grpc_address = str(flags.get("address", ""))
+    path = address.socket_path(grpc_address, namespace, address.group_id(bundle, cid))
+    addr = "unix://" + path
+    listener = address.listen(path)
+    address.write_address_file(bundle, addr)
+    if listener is None:  # a shim of this group is running: containerd joins it
+        _print(addr)
+        return 0
+    if os.fork() == 0:
+        try:
+            from shim import daemon
+            daemon.detach(bool(flags.get("debug")), namespace, cid)
+            daemon.serve(listener, namespace, bundle, os.environ.get("TTRPC_ADDRESS", ""))
+        except BaseException:
+            import logging
+            logging.getLogger("shim").exception("shim daemon for %s failed", cid)
+        finally:
+            os._exit(1)
+    listener.close()
+    _print(addr)
+    return 0
+
+
+def _read_stdin() -> bytes:
+    try:
+        if os.isatty(0):
+            return b""
+        return sys.stdin.buffer.read()
+    except (OSError, ValueError):
+        return b""
+
+
+def _print(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The long-lived shim process: serves the task API, reaps, and holds the containers' stdio.
+
+It is forked from `start` (not exec'd), so it inherits the listening socket and skips a
+second interpreter start-up. The main thread runs the reaper (Python only delivers
+signals, SIGCHLD included, to the main thread); the ttrpc server runs in threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+from shim import log as shimlog
+from shim.reaper import set_child_subreaper
+
+TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
+
+log = logging.getLogger("shim.daemon")
+
+
+def detach(debug: bool, namespace: str, cid: str) -> None:
+    """Leave start's session and its stdout/stderr pipe (containerd reads it to EOF)."""
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    fd = shimlog.open_log_fifo()
+    os.dup2(fd if fd is not None else devnull, 2)  # stray writes and tracebacks go to the log
+    os.close(devnull)
+    shimlog.setup(2 if fd is not None else None, debug, namespace=namespace, id=cid)
+    if fd is not None:
+        os.close(fd)
+
+
+def serve(listener, namespace: str, bundle: str, ttrpc_address: str) -> None:
+    """Run the daemon until Shutdown with no containers left (or SIGTERM)."""
+    from shim.events import Publisher
+    from shim.service import TaskService
+    from shim.ttrpc import Server
+
+    try:
+        set_child_subreaper()
+    except OSError as e:
+        log.error("cannot become a child subreaper: %s", e)
+    stopping = threading.Event()
+    publisher = Publisher(ttrpc_address, namespace)
+    service: TaskService
+
+    def request_shutdown() -> None:
+        stopping.set()
+        service.reaper.wake()
+
+    service = TaskService(namespace, bundle, publisher, request_shutdown)
+    service.reaper.install()
+    signal.signal(signal.SIGTERM, lambda *_: request_shutdown())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    server = Server()
+    for name in TASK_SERVICES:
+        server.register(name, service.methods())
+    threading.Thread(target=server.serve, args=(listener,), name="ttrpc", daemon=True).start()
+    log.info("serving on %s", listener.getsockname())
+    service.reaper.run(stopping.is_set)
+
+    log.info("shutting down")
+    try:
+        os.unlink(listener.getsockname())
+    except OSError:
+        pass
+    server.shutdown()
+    publisher.close()
+    os._exit(0)

@@ -1,0 +1,88 @@
+"""Task events, forwarded to containerd's ttrpc Events service in the order they happen.
+
+One queue and one forwarding thread: an event is queued by the code path that makes it
+true (Create before it replies, the exit handler after the process is gone), so the
+order of the queue is the order containerd requires (create < start < exit < delete).
+A failed Forward is retried in place, never behind later events.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from google.protobuf.message import Message
+
+from shim.ttrpc import Client, TTRPCError
+
+log = logging.getLogger("shim.events")
+
+EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
+FORWARD_TIMEOUT = 5.0
+ATTEMPTS = 5
+NAMESPACE_KEY = "containerd-namespace-ttrpc"
+
+
+def timestamp_of(t: float | None):  # -> google.protobuf.Timestamp
+    from google.protobuf.timestamp_pb2 import Timestamp
+    ts = Timestamp()
+    if t is None:
+        ts.seconds = -62135596800  # Go's zero time.Time: "not exited yet"
+    else:
+        ns = int(t * 1e9)
+        ts.seconds, ts.nanos = divmod(ns, 1_000_000_000)
+    return ts
+
+
+class Publisher:
+    def __init__(self, ttrpc_address: str, namespace: str) -> None:
+        self._address = ttrpc_address
+        self._namespace = namespace
+        self._queue: queue.Queue[tuple[str, Message, float] | None] = queue.Queue()
+        self._client: Client | None = None
+        self._thread = threading.Thread(target=self._run, name="events", daemon=True)
+        self._thread.start()
+
+    def publish(self, topic: str, event: Message) -> None:
+        self._queue.put((topic, event, time.time()))
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Forward what is queued (bounded by `timeout`), then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            self._forward(*item)
+        if self._client is not None:
+            self._client.close()
+
+    def _forward(self, topic: str, event: Message, when: float) -> None:
+        from google.protobuf.any_pb2 import Any
+
+        from shim.api.envelope_pb2 import Envelope, ForwardRequest
+        from google.protobuf.empty_pb2 import Empty
+
+        request = ForwardRequest(envelope=Envelope(
+            timestamp=timestamp_of(when), namespace=self._namespace, topic=topic,
+            event=Any(type_url=event.DESCRIPTOR.full_name, value=event.SerializeToString()),
+        ))
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                if self._client is None:
+                    self._client = Client(self._address)
+                self._client.call(EVENTS_SERVICE, "Forward", request, Empty,
+                                  timeout=FORWARD_TIMEOUT,
+                                  metadata={NAMESPACE_KEY: self._namespace})
+                return
+            except (OSError, TTRPCError) as e:
+                log.warning("forwarding %s failed (attempt %d of %d): %s",
+                            topic, attempt, ATTEMPTS, e)
+                if self._client is not None:
+                    self._client.close()
+                    self._client = None
+                if attempt < ATTEMPTS:
+                    time.sleep(min(attempt, 2) * 0.5)
+        log.error("dropped event %s after %d attempts", topic, ATTEMPTS)

@@ -1,0 +1,69 @@
+"""Logging to the bundle's `log` FIFO, which containerd copies into its own log.
+
+Lines use logrus' text format (time=… level=… msg=…), as containerd's own shims do, so
+they read the same in containerd's output. containerd holds the FIFO open while it
+runs; while it is down nobody drains it, so writes are non-blocking and a full or
+reader-less FIFO drops lines instead of stalling the shim.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
+          logging.ERROR: "error", logging.CRITICAL: "fatal"}
+
+
+def _quote(value: str) -> str:
+    if value and all(c.isalnum() or c in "-._/:@" for c in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class LogrusFormatter(logging.Formatter):
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__()
+        self._suffix = "".join(f" {k}={_quote(v)}" for k, v in fields.items() if v)
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = record.created
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%09dZ" % (
+            int((t % 1) * 1e9))
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        level = LEVELS.get(record.levelno, "info")
+        return f"time={stamp!s} level={level} msg={_quote(msg)}{self._suffix}\n"
+
+
+class FDHandler(logging.Handler):
+    """Writes whole lines to a non-blocking fd, dropping what does not fit."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            os.write(self.fd, self.format(record).encode(errors="replace"))
+        except OSError:
+            pass  # FIFO full (containerd down) or gone: never stall the shim
+
+
+def open_log_fifo(path: str = "log") -> int | None:
+    """Open the bundle's log FIFO for writing without blocking; None if unavailable."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def setup(fd: int | None, debug: bool, **fields: str) -> None:
+    root = logging.getLogger()
+    root.handlers.clear()
+    handler: logging.Handler = FDHandler(fd) if fd is not None else logging.NullHandler()
+    handler.setFormatter(LogrusFormatter({"runtime": "io.containerd.pyshim.v1", **fields}))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)

@@ -1,0 +1,160 @@
+"""Mounting the rootfs that containerd hands over in Create, and unmounting it again.
+
+Options are translated the way containerd's mount package does: known words become
+mount(2) flags, everything else is passed on as the filesystem's data string.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_SYNCHRONOUS = 0x10
+MS_REMOUNT = 0x20
+MS_MANDLOCK = 0x40
+MS_DIRSYNC = 0x80
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+MNT_DETACH = 0x2
+
+# option -> (clear?, flag). "clear" options remove the flag (e.g. "rw" clears MS_RDONLY).
+_FLAGS: dict[str, tuple[bool, int]] = {
+    "async": (True, MS_SYNCHRONOUS), "atime": (True, MS_NOATIME),
+    "bind": (False, MS_BIND), "defaults": (False, 0), "dev": (True, MS_NODEV),
+    "diratime": (True, MS_NODIRATIME), "dirsync": (False, MS_DIRSYNC),
+    "exec": (True, MS_NOEXEC), "mand": (False, MS_MANDLOCK),
+    "noatime": (False, MS_NOATIME), "nodev": (False, MS_NODEV),
+    "nodiratime": (False, MS_NODIRATIME), "noexec": (False, MS_NOEXEC),
+    "nomand": (True, MS_MANDLOCK), "norelatime": (True, MS_RELATIME),
+    "nostrictatime": (True, MS_STRICTATIME), "nosuid": (False, MS_NOSUID),
+    "rbind": (False, MS_BIND | MS_REC), "relatime": (False, MS_RELATIME),
+    "remount": (False, MS_REMOUNT), "ro": (False, MS_RDONLY), "rw": (True, MS_RDONLY),
+    "strictatime": (False, MS_STRICTATIME), "suid": (True, MS_NOSUID),
+    "sync": (False, MS_SYNCHRONOUS),
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                        ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+@dataclass(frozen=True)
+class Mount:
+    type: str
+    source: str
+    options: list[str] = field(default_factory=list)
+    target: str = ""  # a sub-path inside the rootfs (containerd 2.x); "" = the rootfs itself
+
+
+def parse_options(options: list[str]) -> tuple[int, str]:
+    flags, data = 0, []
+    for opt in options:
+        known = _FLAGS.get(opt)
+        if known is None:
+            data.append(opt)
+        elif known[0]:
+            flags &= ~known[1]
+        else:
+            flags |= known[1]
+    return flags, ",".join(data)
+
+
+def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    if _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                   flags, data.encode() if data else None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source} on {target} ({fstype}): {os.strerror(err)}")
+
+
+def mount(m: Mount, root: str) -> None:
+    target = os.path.join(root, m.target.lstrip("/")) if m.target else root
+    if "loop" in m.options:
+        raise OSError(95, f"mount {m.source}: loop mounts are not supported")
+    flags, data = parse_options(m.options)
+    # Long overlay option strings can exceed a page: run the mount from the lowerdirs'
+    # common parent with relative paths, as containerd does.
+    cwd = None
+    if m.type == "overlay" and len(data) >= os.sysconf("SC_PAGE_SIZE") - 512:
+        data, cwd = _compact_lowerdirs(m.options)
+    if cwd:
+        old = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.chdir(cwd)
+            _mount(m.source, target, m.type, flags, data)
+        finally:
+            os.fchdir(old)
+            os.close(old)
+    else:
+        _mount(m.source, target, m.type, flags, data)
+    if flags & MS_BIND and flags & MS_RDONLY:
+        # A bind mount ignores MS_RDONLY until it is remounted.
+        _mount("", target, "", flags | MS_REMOUNT, "")
+
+
+def _compact_lowerdirs(options: list[str]) -> tuple[str, str]:
+    lower = next((o for o in options if o.startswith("lowerdir=")), "")
+    dirs = lower[len("lowerdir="):].split(":") if lower else []
+    common = os.path.commonpath(dirs) if dirs else ""
+    if not common or common == "/":
+        return ",".join(o for o in options if o not in _FLAGS), ""
+    rel = ":".join(os.path.relpath(d, common) for d in dirs)
+    rest = [o for o in options if o not in _FLAGS and not o.startswith("lowerdir=")]
+    return ",".join(rest + [f"lowerdir={rel}"]), common
+
+
+def mount_all(mounts: list[Mount], root: str) -> None:
+    """Mount in order; on failure undo what was mounted and re-raise."""
+    done = 0
+    try:
+        for m in mounts:
+            mount(m, root)
+            done += 1
+    except OSError:
+        for _ in range(done):
+            unmount(root, lazy=True)
+        raise
+
+
+def is_mounted(path: str) -> bool:
+    path = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    needle = _escape(path).encode()
+    return any(line.split(b" ", 5)[4] == needle for line in data.splitlines() if line)
+
+
+def _escape(path: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash in octal.
+    for ch in ("\\", " ", "\t", "\n"):
+        path = path.replace(ch, "\\%03o" % ord(ch))
+    return path
+
+
+def unmount(path: str, lazy: bool = False) -> bool:
+    """Unmount once; False when nothing is mounted there."""
+    if _libc.umount2(path.encode(), MNT_DETACH if lazy else 0) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 2):  # EINVAL: not a mount point; ENOENT: no such path
+        return False
+    raise OSError(err, f"unmount {path}: {os.strerror(err)}")
+
+
+def unmount_all(path: str) -> None:
+    """Unmount everything stacked on `path` (containerd's UnmountAll)."""
+    for _ in range(64):
+        if not unmount(path):
+            return

@@ -1,0 +1,223 @@
+"""runc (or crun) command lines, run through the reaper.
+
+Every command gets the same global flags as containerd's runc shim uses (`--root`,
+`--log <bundle>/log.json --log-format json`, `--systemd-cgroup`), runs with the bundle as
+cwd and the shim's environment minus NOTIFY_SOCKET. runc writes its errors to log.json,
+not to stderr, so a failure's message is the last error line found there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from typing import IO, Any
+
+from shim.reaper import Reaper
+
+DEFAULT_ROOT = "/run/containerd/runc"
+OPTIONS_FILE = "options.json"  # in the bundle: lets the `delete` action find runc again
+
+
+class RuncError(Exception):
+    """A runc command failed; the message is runc's own error text."""
+
+
+@dataclass(frozen=True)
+class RuncConfig:
+    """The options that select and configure the runtime binary (containerd.runc.v1.Options)."""
+
+    binary: str = "runc"
+    root: str = DEFAULT_ROOT
+    systemd_cgroup: bool = False
+    no_pivot_root: bool = False
+    no_new_keyring: bool = False
+    criu_path: str = ""
+    io_uid: int = -1   # owner of the container's stdio pipes (-1: the shim's)
+    io_gid: int = -1
+
+    def command(self, namespace: str, bundle: str, *args: str) -> list[str]:
+        """A full runc command line: global flags, then `args`."""
+        argv = [self.binary, "--root", os.path.join(self.root, namespace),
+                "--log", os.path.join(bundle, "log.json"), "--log-format", "json"]
+        if self.criu_path:
+            argv += ["--criu", self.criu_path]
+        if self.systemd_cgroup:
+            argv.append("--systemd-cgroup")
+        return argv + list(args)
+
+    def save(self, bundle: str) -> None:
+        path = os.path.join(bundle, OPTIONS_FILE)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.__dict__, f)
+
+    @classmethod
+    def load(cls, bundle: str) -> "RuncConfig":
+        """The config saved by Create, or the defaults when there is none."""
+        try:
+            with open(os.path.join(bundle, OPTIONS_FILE)) as f:
+                data = json.load(f)
+            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        except (OSError, ValueError, TypeError, AttributeError):
+            return cls()
+
+
+class Runc:
+    def __init__(self, reaper: Reaper, config: RuncConfig, namespace: str, bundle: str) -> None:
+        self.reaper = reaper
+        self.config = config
+        self.bundle = bundle
+        self.namespace = namespace
+        self.state_root = os.path.join(config.root, namespace)
+        self.log_path = os.path.join(bundle, "log.json")
+        self._env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+
+    def run(self, *args: str, stdio: tuple[Any, Any, Any] | None = None,
+            input: bytes | None = None, capture: bool = False) -> bytes:
+        """Run one runc command to completion; returns its stdout when `capture`."""
+        stdin: Any = subprocess.DEVNULL
+        stdout: Any = subprocess.PIPE if capture else subprocess.DEVNULL
+        stderr: Any = subprocess.PIPE
+        if stdio is not None:
+            # None: the stream is unused. Never let runc inherit the shim's own fds
+            # (stderr is the shim's log).
+            stdin, stdout, stderr = (subprocess.DEVNULL if fd is None else fd for fd in stdio)
+        elif input is not None:
+            stdin = subprocess.PIPE
+        try:
+            child = self.reaper.spawn(self.config.command(self.namespace, self.bundle, *args), cwd=self.bundle, env=self._env,
+                                      stdin=stdin, stdout=stdout, stderr=stderr)
+        except OSError as e:
+            raise RuncError(f"{self.config.binary}: {e.strerror}") from None
+        popen = child.popen
+        if popen.stdin is not None:
+            _write_all(popen.stdin, input or b"")
+        out = popen.stdout.read() if popen.stdout is not None else b""
+        err = popen.stderr.read() if popen.stderr is not None else b""
+        for pipe in (popen.stdout, popen.stderr):
+            if pipe is not None:
+                pipe.close()
+        code = child.wait()
+        if code != 0:
+            text = self.last_error() or err.decode(errors="replace").strip()
+            raise RuncError(text or f"{self.config.binary} {args[0]} exited with status {code}")
+        return out
+
+    def last_error(self) -> str:
+        """The message of the last error runc wrote to log.json (only the file's tail is read)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 65536))
+                lines = f.read().splitlines()
+        except OSError:
+            return ""
+        for line in reversed(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
+                return str(entry.get("msg", ""))
+        return ""
+
+    # -- the commands -------------------------------------------------------------------
+
+    def create(self, cid: str, pid_file: str, stdio: tuple[Any, Any, Any],
+               console_socket: str | None = None) -> None:
+        args = ["create", "--bundle", self.bundle, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if self.config.no_pivot_root:
+            args.append("--no-pivot")
+        if self.config.no_new_keyring:
+            args.append("--no-new-keyring")
+        self.run(*args, cid, stdio=stdio)
+
+    def checkpoint(self, cid: str, image_path: str, work_path: str, *, leave_running: bool,
+                   tcp_established: bool = False, ext_unix_sk: bool = False,
+                   shell_job: bool = False, file_locks: bool = False,
+                   cgroups_mode: str = "", empty_ns: list[str] | None = None) -> None:
+        args = ["checkpoint", "--image-path", image_path, "--work-path", work_path]
+        for flag, on in (("--tcp-established", tcp_established), ("--ext-unix-sk", ext_unix_sk),
+                         ("--shell-job", shell_job), ("--file-locks", file_locks)):
+            if on:
+                args.append(flag)
+        if cgroups_mode:
+            args += ["--manage-cgroups-mode", cgroups_mode]
+        for ns in empty_ns or []:
+            args += ["--empty-ns", ns]
+        if leave_running:
+            args.append("--leave-running")
+        self.run(*args, cid)
+
+    def restore(self, cid: str, image_path: str, work_path: str, pid_file: str,
+                stdio: tuple[Any, Any, Any], parent_path: str = "",
+                console_socket: str | None = None) -> None:
+        args = ["restore", "--image-path", image_path, "--work-path", work_path]
+        if parent_path:
+            args += ["--parent-path", parent_path]
+        args += ["--detach", "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if self.config.no_pivot_root:
+            args.append("--no-pivot")
+        # The shim is the subreaper; runc must not become one for the restored tree.
+        args += ["-no-subreaper", "--bundle", self.bundle]
+        self.run(*args, cid, stdio=stdio)
+
+    def start(self, cid: str) -> None:
+        self.run("start", cid)
+
+    def exec(self, cid: str, process_json: str, pid_file: str, stdio: tuple[Any, Any, Any],
+             console_socket: str | None = None) -> None:
+        args = ["exec", "--process", process_json]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        self.run(*args, "--detach", "--pid-file", pid_file, cid, stdio=stdio)
+
+    def kill(self, cid: str, sig: int, all: bool = False) -> None:
+        self.run("kill", *(["--all"] if all else []), cid, str(sig))
+
+    def delete(self, cid: str, force: bool = False) -> None:
+        self.run("delete", *(["--force"] if force else []), cid)
+
+    def pause(self, cid: str) -> None:
+        self.run("pause", cid)
+
+    def resume(self, cid: str) -> None:
+        self.run("resume", cid)
+
+    def update(self, cid: str, resources_json: bytes) -> None:
+        self.run("update", "--resources", "-", cid, input=resources_json)
+
+    def ps(self, cid: str) -> list[int]:
+        out = self.run("ps", "--format", "json", cid, capture=True)
+        pids = json.loads(out or b"[]")
+        return [int(p) for p in pids or []]
+
+    def exists(self, cid: str) -> bool:
+        """Whether runc still has state for `cid` (cheap: no runc process)."""
+        return os.path.exists(os.path.join(self.state_root, cid))
+
+
+def _write_all(pipe: IO[bytes], data: bytes) -> None:
+    try:
+        pipe.write(data)
+    except BrokenPipeError:
+        pass
+    finally:
+        try:
+            pipe.close()
+        except BrokenPipeError:
+            pass
+
+
+def signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
