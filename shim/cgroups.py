@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from google.protobuf.any_pb2 import Any
 
@@ -109,8 +109,9 @@ def unescape_mountinfo(field: str) -> str:
         return field
     out, i = [], 0
     while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) + 0 and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
+        esc = field[i + 1:i + 4]
+        if field[i] == "\\" and len(esc) == 3 and all(c in "01234567" for c in esc):
+            out.append(chr(int(esc, 8)))
             i += 4
         else:
             out.append(field[i])
@@ -278,7 +279,14 @@ class Cgroup:
         return cls.from_proc(proc_cgroup, mountinfo)
 
     @classmethod
-    def from_proc(cls, proc_cgroup: str, mountinfo: str, **kwargs: object) -> Cgroup:
+    def from_proc(
+        cls,
+        proc_cgroup: str,
+        mountinfo: str,
+        *,
+        hugepage_sizes: Sequence[str] | None = None,
+        partitions: str = "/proc/partitions",
+    ) -> Cgroup:
         """From the text of /proc/<pid>/cgroup and /proc/self/mountinfo."""
         paths = parse_proc_cgroup(proc_cgroup)
         mounts = parse_mountinfo(mountinfo)
@@ -286,7 +294,8 @@ class Cgroup:
             if "" not in paths:
                 raise ValueError("no unified (0::) entry in /proc/<pid>/cgroup")
             mount = next(m for m in reversed(mounts) if m.mount_point == CGROUP_ROOT)
-            return cls(v2_path=mount.path_for(paths[""]), **kwargs)  # type: ignore[arg-type]
+            return cls(v2_path=mount.path_for(paths[""]),
+                       hugepage_sizes=hugepage_sizes, partitions=partitions)
         v1_paths = {}
         for controller, path in paths.items():
             if not controller:
@@ -298,7 +307,7 @@ class Cgroup:
             )
             if mount is not None:
                 v1_paths[controller] = mount.path_for(path)
-        return cls(v1_paths=v1_paths, **kwargs)  # type: ignore[arg-type]
+        return cls(v1_paths=v1_paths, hugepage_sizes=hugepage_sizes, partitions=partitions)
 
     def exists(self) -> bool:
         if self.v2_path is not None:
@@ -550,13 +559,13 @@ def _v1_hugetlb(d: str, sizes: Sequence[str], m: v1.Metrics) -> None:
         m.hugetlb.add(usage=usage, max=mx or 0, failcnt=failcnt or 0, pagesize=size)
 
 
-def _rdma_entries(text: str, entries: object) -> None:
+def _rdma_entries(text: str, add: Callable[[], v1.RdmaEntry | v2.RdmaEntry]) -> None:
     """"mlx4_0 hca_handle=2 hca_object=2000" lines; "max" is the maximum uint32."""
     for line in text.splitlines():
         fields = line.split()
         if len(fields) != 3:
             continue
-        e = entries.add()  # type: ignore[attr-defined]
+        e = add()
         e.device = fields[0]
         for kv in fields[1:]:
             key, _, value = kv.partition("=")
@@ -575,8 +584,8 @@ def _rdma(d: str, stat: v1.RdmaStat | v2.RdmaStat) -> None:
     if current is None and limit is None:
         return
     stat.SetInParent()
-    _rdma_entries(current or "", stat.current)
-    _rdma_entries(limit or "", stat.limit)
+    _rdma_entries(current or "", stat.current.add)
+    _rdma_entries(limit or "", stat.limit.add)
 
 
 # ---------------------------------------------------------------------------

@@ -62,6 +62,9 @@ def open_log_fifo(path: str = "log") -> int | None:
 
 def setup(fd: int | None, debug: bool, **fields: str) -> None:
     root = logging.getLogger()
+    for old in root.handlers:
+        if isinstance(old, FDHandler) and old.fd != fd and old.fd > 2:
+            os.close(old.fd)
     root.handlers.clear()
     handler: logging.Handler = FDHandler(fd) if fd is not None else logging.NullHandler()
     handler.setFormatter(LogrusFormatter({"runtime": "io.containerd.pyshim.v1", **fields}))

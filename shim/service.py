@@ -30,10 +30,10 @@ from google.protobuf.any_pb2 import Any
 from google.protobuf.empty_pb2 import Empty
 
 from shim import mount as mounts
+from shim import options
 from shim.api import events_pb2 as ev
 from shim.api import task_pb2 as pb
 from shim.api.runc_options_pb2 import CheckpointOptions
-from shim.api.runc_options_pb2 import Options as RuncOptions
 from shim.api.runc_options_pb2 import ProcessDetails
 from shim.api.task_types_pb2 import ProcessInfo
 from shim.api.task_types_pb2 import Status as PbStatus
@@ -260,7 +260,7 @@ class TaskService:
 
     def _create(self, req: pb.CreateTaskRequest, bundle: str) -> Container:
         cid = req.id
-        config = runc_config(req.options, cid)
+        config = options.decode(req.options.type_url, req.options.value, f"create {cid}").runc
         config.save(bundle)
         runc = Runc(self.reaper, config, self.namespace, bundle)
         c = Container(cid, bundle, runc, host_pid_ns=_shares_host_pid_ns(bundle))
@@ -642,21 +642,6 @@ def kill_error(p: Process, text: str) -> TTRPCError:
 def read_pid(path: str) -> int:
     with open(path) as f:
         return int(f.read().strip())
-
-
-def runc_config(options: Any, cid: str) -> RuncConfig:
-    """The runtime options of a Create request; unknown option types are only logged."""
-    if not options.type_url:
-        return RuncConfig()
-    if options.type_url.endswith("containerd.runc.v1.Options"):
-        o = RuncOptions.FromString(options.value)
-        return RuncConfig(binary=o.binary_name or "runc", root=o.root or RuncConfig.root,
-                          systemd_cgroup=o.systemd_cgroup, no_pivot_root=o.no_pivot_root,
-                          no_new_keyring=o.no_new_keyring, criu_path=o.criu_path,
-                          io_uid=o.io_uid if o.io_uid else -1,
-                          io_gid=o.io_gid if o.io_gid else -1)
-    log.info("create %s: ignoring runtime options of type %s", cid, options.type_url)
-    return RuncConfig()
 
 
 def _shares_host_pid_ns(bundle: str) -> bool:

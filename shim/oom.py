@@ -1,0 +1,295 @@
+"""OOM notifications for every container of the shim, from one thread.
+
+One epoll set holds:
+  * cgroup v1: an eventfd per container, registered with the kernel by writing
+    "<eventfd> <fd of memory.oom_control>" to the memory cgroup's cgroup.event_control.
+    The kernel signals it on every OOM in the cgroup, and once more when the cgroup is
+    removed; the second kind is told apart by the memory directory being gone.
+  * cgroup v2: one inotify fd, with an IN_MODIFY watch on each container's memory.events;
+    an OOM kill is when that file's oom_kill count went up since it was last read.
+`on_oom(container_id)` runs on the watcher thread: it must only queue the event.
+
+Locking: `_lock` guards the watch tables and every fd close, so the thread never acts
+on an fd that `remove` closed (and the kernel may have handed out again): it looks
+each ready fd up under the lock, and the eventfds are non-blocking, so a stale
+readiness report just reads EAGAIN. Callbacks run outside the lock, so they may call
+`remove`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import select
+import struct
+import threading
+from typing import Callable
+
+from shim.cgroups import Cgroup
+
+log = logging.getLogger("shim.oom")
+
+# <sys/inotify.h>
+IN_MODIFY = 0x00000002
+IN_DELETE_SELF = 0x00000400
+IN_UNMOUNT = 0x00002000
+IN_IGNORED = 0x00008000
+IN_CLOEXEC = os.O_CLOEXEC
+IN_NONBLOCK = os.O_NONBLOCK
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; `len` bytes of name follow
+
+_libc: ctypes.CDLL | None = None
+
+
+def _inotify() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+        _libc = libc
+    return _libc
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def read_oom_kills(memory_events: str) -> int | None:
+    """The oom_kill count of a v2 memory.events file; None when the file is gone."""
+    try:
+        with open(memory_events, "rb") as f:
+            text = f.read()
+    except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ENODEV:
+            return None
+        raise
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == b"oom_kill":
+            try:
+                return int(parts[1])
+            except ValueError:
+                return 0
+    return 0
+
+
+class _Watch:
+    __slots__ = ("container_id", "directory", "fd", "wd", "oom_kills")
+
+    def __init__(self, container_id: str, directory: str) -> None:
+        self.container_id = container_id
+        self.directory = directory
+        self.fd = -1  # v1: the eventfd
+        self.wd = -1  # v2: the inotify watch on memory.events
+        self.oom_kills = 0  # v2: last seen oom_kill count
+
+
+class OOMWatcher:
+    def __init__(self, on_oom: Callable[[str], None]) -> None:
+        self._on_oom = on_oom
+        self._lock = threading.Lock()
+        self._by_id: dict[str, _Watch] = {}
+        self._by_fd: dict[int, _Watch] = {}  # v1 eventfds
+        self._by_wd: dict[int, _Watch] = {}  # v2 inotify watches
+        self._inotify_fd = -1  # created with the first v2 watch
+        self._closed = False
+        self._epoll = select.epoll()
+        # Wakes the thread for close(); epoll_wait has no other way out.
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._thread = threading.Thread(target=self._run, name="oom-watcher", daemon=True)
+        self._thread.start()
+
+    def __contains__(self, container_id: str) -> bool:
+        with self._lock:
+            return container_id in self._by_id
+
+    def add(self, container_id: str, cgroup: Cgroup) -> None:
+        """Start watching; replaces an earlier watch for the same id."""
+        directory = cgroup.memory_path
+        if directory is None:
+            raise ValueError(f"{cgroup!r} has no memory controller")
+        watch = _Watch(container_id, directory)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("OOM watcher is closed")
+            self._drop(self._by_id.get(container_id))
+            if cgroup.version == 1:
+                self._add_v1(watch)
+            else:
+                self._add_v2(watch)
+            self._by_id[container_id] = watch
+
+    def remove(self, container_id: str) -> None:
+        with self._lock:
+            self._drop(self._by_id.get(container_id))
+
+    def close(self) -> None:
+        """Stop the thread and close every fd. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for watch in list(self._by_id.values()):
+                self._drop(watch)
+            os.eventfd_write(self._wake_fd, 1)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        # else: called from a callback; the thread closes the rest as it leaves.
+
+    # -- registration (under _lock) ------------------------------------------
+
+    def _add_v1(self, watch: _Watch) -> None:
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            ctl = os.open(os.path.join(watch.directory, "memory.oom_control"),
+                          os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                # The kernel keeps its own reference to memory.oom_control, so this fd
+                # may be closed once registered (containerd does the same).
+                event_control = os.open(os.path.join(watch.directory, "cgroup.event_control"),
+                                        os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(event_control, f"{efd} {ctl}".encode())
+                finally:
+                    os.close(event_control)
+            finally:
+                os.close(ctl)
+            self._epoll.register(efd, select.EPOLLIN)
+        except BaseException:
+            os.close(efd)
+            raise
+        watch.fd = efd
+        self._by_fd[efd] = watch
+
+    def _add_v2(self, watch: _Watch) -> None:
+        libc = _inotify()
+        if self._inotify_fd < 0:
+            self._inotify_fd = _check(libc.inotify_init1(IN_CLOEXEC | IN_NONBLOCK),
+                                      "inotify_init1")
+            self._epoll.register(self._inotify_fd, select.EPOLLIN)
+        path = os.path.join(watch.directory, "memory.events")
+        # Baseline before the watch, so a kill that lands in between is reported rather
+        # than absorbed into the baseline.
+        kills = read_oom_kills(path)
+        if kills is None:
+            raise FileNotFoundError(errno.ENOENT, "no memory.events", path)
+        watch.oom_kills = kills
+        watch.wd = _check(libc.inotify_add_watch(self._inotify_fd, os.fsencode(path), IN_MODIFY),
+                          f"inotify_add_watch {path}")
+        # inotify returns the existing wd when the same file is watched twice.
+        old = self._by_wd.get(watch.wd)
+        if old is not None:
+            self._by_id.pop(old.container_id, None)
+        self._by_wd[watch.wd] = watch
+
+    def _drop(self, watch: _Watch | None) -> None:
+        if watch is None:
+            return
+        if self._by_id.get(watch.container_id) is watch:
+            del self._by_id[watch.container_id]
+        if watch.fd >= 0:
+            del self._by_fd[watch.fd]
+            self._epoll.unregister(watch.fd)
+            os.close(watch.fd)
+            watch.fd = -1
+        if watch.wd >= 0:
+            if self._by_wd.get(watch.wd) is watch:
+                del self._by_wd[watch.wd]
+                # EINVAL when the kernel already dropped the watch (file removed).
+                _inotify().inotify_rm_watch(self._inotify_fd, watch.wd)
+            watch.wd = -1
+
+    # -- the thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                try:
+                    ready = self._epoll.poll()
+                except Exception:
+                    log.exception("epoll_wait failed; OOM events are no longer watched")
+                    return
+                for fd, _ in ready:
+                    try:
+                        with self._lock:
+                            if self._closed:
+                                break
+                            if fd == self._wake_fd:
+                                continue
+                            oom = self._ready(fd)
+                    except Exception:
+                        log.exception("OOM watcher: handling fd %d", fd)
+                        continue
+                    for container_id in oom:
+                        try:
+                            self._on_oom(container_id)
+                        except Exception:
+                            log.exception("OOM callback for %s failed", container_id)
+        finally:
+            with self._lock:
+                self._closed = True
+                for watch in list(self._by_id.values()):
+                    self._drop(watch)
+                if self._inotify_fd >= 0:
+                    os.close(self._inotify_fd)
+                    self._inotify_fd = -1
+                self._epoll.close()
+                os.close(self._wake_fd)
+
+    def _ready(self, fd: int) -> list[str]:
+        """Container ids with a new OOM, after handling a ready fd (under _lock)."""
+        if fd == self._inotify_fd:
+            return self._inotify_ready()
+        watch = self._by_fd.get(fd)
+        if watch is None:
+            return []  # removed while epoll_wait was reporting it
+        try:
+            os.eventfd_read(fd)
+        except BlockingIOError:
+            return []  # already drained: a stale report
+        if not os.path.isdir(watch.directory):
+            # The removal signal: the cgroup is gone, not out of memory.
+            self._drop(watch)
+            return []
+        return [watch.container_id]
+
+    def _inotify_ready(self) -> list[str]:
+        try:
+            data = os.read(self._inotify_fd, 65536)
+        except BlockingIOError:
+            return []
+        changed: dict[int, int] = {}
+        offset = 0
+        while offset + _EVENT.size <= len(data):
+            wd, mask, _, name_len = _EVENT.unpack_from(data, offset)
+            offset += _EVENT.size + name_len
+            changed[wd] = changed.get(wd, 0) | mask
+        oom = []
+        for wd, mask in changed.items():
+            watch = self._by_wd.get(wd)
+            if watch is None:
+                continue
+            if mask & (IN_IGNORED | IN_DELETE_SELF | IN_UNMOUNT):
+                # memory.events went away with its cgroup; the kernel drops the watch.
+                del self._by_wd[wd]
+                watch.wd = -1
+                self._drop(watch)
+                continue
+            kills = read_oom_kills(os.path.join(watch.directory, "memory.events"))
+            if kills is None:
+                self._drop(watch)
+                continue
+            if kills > watch.oom_kills:
+                oom.append(watch.container_id)
+            watch.oom_kills = kills
+        return oom

@@ -1,0 +1,61 @@
+"""Runtime options: what containerd sends in `start`'s stdin and in Create.
+
+containerd sends `containerd.runc.v1.Options` to runtimes it recognises as runc-like
+and the legacy `containerd.linux.runc.CreateOptions` to every other runtime name (so
+to this one, from ctr and the Go client); CRI sends `runtimeoptions.v1.Options` for a
+runtime whose options are a free-form table. Unknown types are logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from shim.runc import RuncConfig
+
+log = logging.getLogger("shim.options")
+
+RUNC_OPTIONS = "containerd.runc.v1.Options"
+CREATE_OPTIONS = "containerd.linux.runc.CreateOptions"
+
+
+@dataclass(frozen=True)
+class Options:
+    runc: RuncConfig
+    shim_cgroup: str = ""
+
+
+def decode(type_url: str, value: bytes, context: str) -> Options:
+    """Options from an Any's parts; defaults for an empty or unknown Any."""
+    name = type_url.rsplit("/", 1)[-1]
+    if name == RUNC_OPTIONS:
+        from shim.api.runc_options_pb2 import Options as Pb
+        o = Pb.FromString(value)
+        return Options(RuncConfig(
+            binary=o.binary_name or "runc", root=o.root or RuncConfig.root,
+            systemd_cgroup=o.systemd_cgroup, no_pivot_root=o.no_pivot_root,
+            no_new_keyring=o.no_new_keyring, criu_path=o.criu_path,
+            io_uid=o.io_uid or -1, io_gid=o.io_gid or -1), o.shim_cgroup)
+    if name == CREATE_OPTIONS:
+        from shim.api.runctypes_pb2 import CreateOptions as Pb
+        c = Pb.FromString(value)
+        return Options(RuncConfig(
+            no_pivot_root=c.no_pivot_root, no_new_keyring=c.no_new_keyring,
+            io_uid=c.io_uid or -1, io_gid=c.io_gid or -1), c.shim_cgroup)
+    if name:
+        log.info("%s: ignoring runtime options of type %s", context, name)
+    return Options(RuncConfig())
+
+
+def decode_any_bytes(data: bytes, context: str) -> Options:
+    """Options from a serialized google.protobuf.Any (start's stdin)."""
+    if not data:
+        return Options(RuncConfig())
+    from google.protobuf.any_pb2 import Any
+    from google.protobuf.message import DecodeError
+    try:
+        a = Any.FromString(data)
+    except DecodeError:
+        log.warning("%s: runtime options on stdin are not a protobuf Any; ignored", context)
+        return Options(RuncConfig())
+    return decode(a.type_url, a.value, context)
