@@ -17,6 +17,7 @@ log = logging.getLogger("shim.options")
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 CREATE_OPTIONS = "containerd.linux.runc.CreateOptions"
+RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,49 @@ def decode(type_url: str, value: bytes, context: str) -> Options:
         return Options(RuncConfig(
             no_pivot_root=c.no_pivot_root, no_new_keyring=c.no_new_keyring,
             io_uid=c.io_uid or -1, io_gid=c.io_gid or -1), c.shim_cgroup)
+    if name == RUNTIME_OPTIONS:
+        from shim.api.runtimeoptions_pb2 import Options as Pb
+        r = Pb.FromString(value)
+        return from_table(_load_table(r.config_body, r.config_path, context), context)
     if name:
         log.info("%s: ignoring runtime options of type %s", context, name)
     return Options(RuncConfig())
+
+
+# The keys of CRI's options table (the runc shim's TOML names) -> RuncConfig fields.
+TABLE_KEYS = {"BinaryName": "binary", "Root": "root", "SystemdCgroup": "systemd_cgroup",
+              "NoPivotRoot": "no_pivot_root", "NoNewKeyring": "no_new_keyring",
+              "CriuPath": "criu_path", "IoUid": "io_uid", "IoGid": "io_gid"}
+
+
+def _load_table(body: bytes, path: str, context: str) -> dict:
+    """The options table: containerd 1.7+ sends it as TOML in config_body; a ConfigPath
+    names a TOML file holding it."""
+    import tomllib
+    try:
+        if body:
+            return tomllib.loads(body.decode())
+        if path:
+            with open(path, "rb") as f:
+                return tomllib.load(f)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        log.warning("%s: runtime options %s unreadable: %s", context, path or "body", e)
+    return {}
+
+
+def from_table(table: dict, context: str) -> Options:
+    fields = {}
+    for key, value in table.items():
+        if key in TABLE_KEYS:
+            fields[TABLE_KEYS[key]] = value
+        elif key not in ("TypeUrl", "ConfigPath", "ShimCgroup"):
+            log.info("%s: ignoring unknown runtime option %s", context, key)
+    try:
+        config = RuncConfig(**fields)
+    except TypeError as e:
+        log.warning("%s: bad runtime options: %s", context, e)
+        config = RuncConfig()
+    return Options(config, str(table.get("ShimCgroup", "")))
 
 
 def decode_any_bytes(data: bytes, context: str) -> Options:
