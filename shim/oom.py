@@ -5,8 +5,11 @@ One epoll set holds:
     "<eventfd> <fd of memory.oom_control>" to the memory cgroup's cgroup.event_control.
     The kernel signals it on every OOM in the cgroup, and once more when the cgroup is
     removed; the second kind is told apart by the memory directory being gone.
-  * cgroup v2: one inotify fd, with an IN_MODIFY watch on each container's memory.events;
-    an OOM kill is when that file's oom_kill count went up since it was last read.
+  * cgroup v2: one inotify fd, with IN_MODIFY watches on each container's memory.events
+    and cgroup.events; an OOM kill is when memory.events' oom_kill count went up since
+    it was last read. The watch ends when the cgroup empties ("populated 0" in
+    cgroup.events: no process is left to be killed) or is removed, after one last read
+    of memory.events so the kill that emptied it is still reported.
 `on_oom(container_id)` runs on the watcher thread: it must only queue the event.
 
 Locking: `_lock` guards the watch tables and every fd close, so the thread never acts
@@ -62,14 +65,16 @@ def _check(result: int, what: str) -> int:
 
 
 def read_oom_kills(memory_events: str) -> int | None:
-    """The oom_kill count of a v2 memory.events file; None when the file is gone."""
+    """The oom_kill count of a v2 memory.events file.
+
+    None when the file is gone, and also when it has no oom_kill line (a kernel before
+    4.13, or a torn read of a file being rewritten): then nothing can be concluded.
+    """
     try:
         with open(memory_events, "rb") as f:
             text = f.read()
-    except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
-        return None
     except OSError as e:
-        if e.errno == errno.ENODEV:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENODEV):
             return None
         raise
     for line in text.splitlines():
@@ -78,18 +83,28 @@ def read_oom_kills(memory_events: str) -> int | None:
             try:
                 return int(parts[1])
             except ValueError:
-                return 0
-    return 0
+                return None
+    return None
+
+
+def is_populated(cgroup_events: str) -> bool:
+    """False only when a v2 cgroup.events says "populated 0"."""
+    try:
+        with open(cgroup_events, "rb") as f:
+            text = f.read()
+    except OSError:
+        return True  # no such file (a fake cgroup in tests): removal ends the watch
+    return b"populated 0" not in text.splitlines()
 
 
 class _Watch:
-    __slots__ = ("container_id", "directory", "fd", "wd", "oom_kills")
+    __slots__ = ("container_id", "directory", "fd", "wds", "oom_kills")
 
     def __init__(self, container_id: str, directory: str) -> None:
         self.container_id = container_id
         self.directory = directory
         self.fd = -1  # v1: the eventfd
-        self.wd = -1  # v2: the inotify watch on memory.events
+        self.wds: list[int] = []  # v2: inotify watches on memory.events and cgroup.events
         self.oom_kills = 0  # v2: last seen oom_kill count
 
 
@@ -172,25 +187,37 @@ class OOMWatcher:
         self._by_fd[efd] = watch
 
     def _add_v2(self, watch: _Watch) -> None:
+        path = os.path.join(watch.directory, "memory.events")
+        if not os.path.exists(path):
+            raise FileNotFoundError(errno.ENOENT, "no memory.events", path)
         libc = _inotify()
         if self._inotify_fd < 0:
             self._inotify_fd = _check(libc.inotify_init1(IN_CLOEXEC | IN_NONBLOCK),
                                       "inotify_init1")
             self._epoll.register(self._inotify_fd, select.EPOLLIN)
-        path = os.path.join(watch.directory, "memory.events")
         # Baseline before the watch, so a kill that lands in between is reported rather
         # than absorbed into the baseline.
-        kills = read_oom_kills(path)
-        if kills is None:
-            raise FileNotFoundError(errno.ENOENT, "no memory.events", path)
-        watch.oom_kills = kills
-        watch.wd = _check(libc.inotify_add_watch(self._inotify_fd, os.fsencode(path), IN_MODIFY),
-                          f"inotify_add_watch {path}")
-        # inotify returns the existing wd when the same file is watched twice.
-        old = self._by_wd.get(watch.wd)
-        if old is not None:
-            self._by_id.pop(old.container_id, None)
-        self._by_wd[watch.wd] = watch
+        watch.oom_kills = read_oom_kills(path) or 0
+        try:
+            for name in ("memory.events", "cgroup.events"):
+                file = os.path.join(watch.directory, name)
+                if name == "cgroup.events" and not os.path.exists(file):
+                    continue
+                wd = _check(libc.inotify_add_watch(self._inotify_fd, os.fsencode(file), IN_MODIFY),
+                            f"inotify_add_watch {file}")
+                # inotify hands out the same wd when a file is watched twice (two ids on
+                # one cgroup): the newest id takes the kernel's watch over.
+                other = self._by_wd.get(wd)
+                if other is not None and other is not watch:
+                    self._by_id.pop(other.container_id, None)
+                    for other_wd in other.wds:
+                        self._by_wd.pop(other_wd, None)
+                    other.wds.clear()
+                watch.wds.append(wd)
+                self._by_wd[wd] = watch
+        except BaseException:
+            self._drop(watch)
+            raise
 
     def _drop(self, watch: _Watch | None) -> None:
         if watch is None:
@@ -202,12 +229,12 @@ class OOMWatcher:
             self._epoll.unregister(watch.fd)
             os.close(watch.fd)
             watch.fd = -1
-        if watch.wd >= 0:
-            if self._by_wd.get(watch.wd) is watch:
-                del self._by_wd[watch.wd]
-                # EINVAL when the kernel already dropped the watch (file removed).
-                _inotify().inotify_rm_watch(self._inotify_fd, watch.wd)
-            watch.wd = -1
+        for wd in watch.wds:
+            if self._by_wd.get(wd) is watch:
+                del self._by_wd[wd]
+                # EINVAL when the kernel already dropped the watch (file removed): fine.
+                _inotify().inotify_rm_watch(self._inotify_fd, wd)
+        watch.wds.clear()
 
     # -- the thread -----------------------------------------------------------
 
@@ -268,28 +295,26 @@ class OOMWatcher:
             data = os.read(self._inotify_fd, 65536)
         except BlockingIOError:
             return []
-        changed: dict[int, int] = {}
+        # One look per cgroup however many events it got: masks OR'ed per watch.
+        changed: dict[_Watch, int] = {}
         offset = 0
         while offset + _EVENT.size <= len(data):
             wd, mask, _, name_len = _EVENT.unpack_from(data, offset)
             offset += _EVENT.size + name_len
-            changed[wd] = changed.get(wd, 0) | mask
-        oom = []
-        for wd, mask in changed.items():
             watch = self._by_wd.get(wd)
-            if watch is None:
-                continue
-            if mask & (IN_IGNORED | IN_DELETE_SELF | IN_UNMOUNT):
-                # memory.events went away with its cgroup; the kernel drops the watch.
-                del self._by_wd[wd]
-                watch.wd = -1
-                self._drop(watch)
-                continue
-            kills = read_oom_kills(os.path.join(watch.directory, "memory.events"))
-            if kills is None:
-                self._drop(watch)
-                continue
-            if kills > watch.oom_kills:
+            if watch is not None:
+                changed[watch] = changed.get(watch, 0) | mask
+        oom = []
+        for watch, mask in changed.items():
+            path = os.path.join(watch.directory, "memory.events")
+            kills = read_oom_kills(path)
+            # The count only grows; moving the baseline up only keeps a torn read
+            # from turning into a second report of the same kill.
+            if kills is not None and kills > watch.oom_kills:
                 oom.append(watch.container_id)
-            watch.oom_kills = kills
+                watch.oom_kills = kills
+            gone = mask & (IN_IGNORED | IN_DELETE_SELF | IN_UNMOUNT) or (
+                kills is None and not os.path.exists(path))
+            if gone or not is_populated(os.path.join(watch.directory, "cgroup.events")):
+                self._drop(watch)
         return oom

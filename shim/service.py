@@ -37,7 +37,9 @@ from shim.api.runc_options_pb2 import CheckpointOptions
 from shim.api.runc_options_pb2 import ProcessDetails
 from shim.api.task_types_pb2 import ProcessInfo
 from shim.api.task_types_pb2 import Status as PbStatus
+from shim.cgroups import Cgroup
 from shim.events import Publisher, timestamp_of
+from shim.oom import OOMWatcher
 from shim.reaper import Reaper
 from shim.runc import Runc, RuncConfig, RuncError
 from shim.state import Lifecycle, State
@@ -100,6 +102,7 @@ class Container:
         self.init: Process | None = None
         self.execs: dict[str, Process] = {}
         self.rootfs_mounted = False
+        self.cgroup: Cgroup | None = None
         # An init exit waits here while execs are still running, so that the init's
         # /tasks/exit is the container's last one.
         self.pending_init_exit: tuple[int, float] | None = None
@@ -116,6 +119,7 @@ class TaskService:
         self.publisher = publisher
         self.request_shutdown = request_shutdown
         self.reaper = Reaper(self._exit_queued)
+        self.oom = OOMWatcher(self._oom)
         self.containers: dict[str, Container] = {}
         self._lock = threading.Lock()  # guards `containers`
         self._exit_lock = threading.Lock()
@@ -301,6 +305,11 @@ class TaskService:
             io=ev.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
                          terminal=req.terminal),
             checkpoint=req.checkpoint, pid=init.pid))
+        if init.pid:
+            try:
+                c.cgroup = Cgroup.for_pid(init.pid)
+            except (OSError, ValueError) as e:
+                log.warning("container %s: cannot find its cgroup: %s", cid, e)
         if early is not None:
             self._handle_exit(init, *early)
         log.info("created container %s (pid %d)", cid, init.pid)
@@ -321,12 +330,30 @@ class TaskService:
                     except RuncError as e:
                         raise TTRPCError(Code.UNKNOWN, f"OCI runtime start failed: {e}") from None
                 p.life.apply("start")
+                self._watch_oom(c)
                 self.publisher.publish("/tasks/start", ev.TaskStart(container_id=c.id, pid=p.pid))
                 if early is not None:
                     self._handle_exit(p, *early)
                 return pb.StartResponse(pid=p.pid)
             self._start_exec(p)
             return pb.StartResponse(pid=p.pid)
+
+    def _watch_oom(self, c: Container) -> None:
+        if c.cgroup is None and c.init is not None and c.init.pid:
+            try:
+                c.cgroup = Cgroup.for_pid(c.init.pid)  # a restored container's
+            except (OSError, ValueError):
+                pass
+        if c.cgroup is None:
+            return
+        try:
+            self.oom.add(c.id, c.cgroup)
+        except (OSError, ValueError) as e:
+            log.warning("container %s: no OOM notifications: %s", c.id, e)
+
+    def _oom(self, cid: str) -> None:
+        log.info("container %s: out of memory", cid)
+        self.publisher.publish("/tasks/oom", ev.TaskOOM(container_id=cid))
 
     def _restore(self, p: Process) -> tuple[int, float] | None:
         """runc restore; returns the restored init's exit if it already happened."""
@@ -451,6 +478,7 @@ class TaskService:
                     mounts.unmount_all(os.path.join(c.bundle, "rootfs"))
                 except OSError as e:
                     log.warning("delete %s: unmounting rootfs: %s", c.id, e)
+            self.oom.remove(c.id)
             with self._lock:
                 self.containers.pop(c.id, None)
             self.publisher.publish("/tasks/delete", ev.TaskDelete(
@@ -593,6 +621,15 @@ class TaskService:
                 raise TTRPCError(Code.UNKNOWN, f"resize {p.name}: {e}") from None
         return Empty()
 
+    def Stats(self, req: pb.StatsRequest, ctx: Context) -> pb.StatsResponse:
+        c = self._container(req.id)
+        if c.cgroup is None:
+            raise not_found(f"container {c.id}: cgroup does not exist")
+        try:
+            return pb.StatsResponse(stats=c.cgroup.metrics())
+        except FileNotFoundError:
+            raise not_found(f"container {c.id}: cgroup does not exist") from None
+
     def Wait(self, req: pb.WaitRequest, ctx: Context) -> pb.WaitResponse:
         p = self._process(req.id, req.exec_id)
         p.exited.wait()
@@ -620,7 +657,7 @@ class TaskService:
             "Resume": pb.ResumeRequest, "Update": pb.UpdateTaskRequest,
             "ResizePty": pb.ResizePtyRequest, "Wait": pb.WaitRequest,
             "Connect": pb.ConnectRequest, "Shutdown": pb.ShutdownRequest,
-            "Checkpoint": pb.CheckpointTaskRequest,
+            "Checkpoint": pb.CheckpointTaskRequest, "Stats": pb.StatsRequest,
         }
         return {name: (req_type, getattr(self, name)) for name, req_type in table.items()}
 
