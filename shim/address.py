@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import socket
 
@@ -23,8 +22,15 @@ def group_id(bundle: str, cid: str) -> str:
     """The group a container's shim serves: the first grouping annotation, else its id."""
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
-            annotations = json.load(f).get("annotations") or {}
-    except (OSError, ValueError, AttributeError):
+            data = f.read()
+    except OSError:
+        return cid
+    if not any(key.encode() in data for key in GROUP_ANNOTATIONS):
+        return cid  # the common case, without parsing the whole spec
+    import json
+    try:
+        annotations = json.loads(data).get("annotations") or {}
+    except (ValueError, AttributeError):
         return cid
     for key in GROUP_ANNOTATIONS:
         value = annotations.get(key)

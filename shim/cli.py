@@ -79,64 +79,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
+    """Listen, write the address file, fork the daemon and print the address.
+
+    Only what containerd must wait for happens here; the daemon does the rest (options,
+    cgroup, OOM score, logging) before it serves its first request. Errors go to stderr,
+    which containerd shows as the reason `start` failed.
+    """
     from shim import address
 
-    from shim import log as shimlog
-
-    # Never to stderr: containerd reads start's stderr as part of the address.
-    shimlog.setup(shimlog.open_log_fifo(), bool(flags.get("debug")), namespace=namespace, id=cid)
     bundle = os.getcwd()
     stdin = _read_stdin()
-    grpc_address = str(flags.get("address", ""))
-    socket_dir, shim_cgroup = _bootstrap(stdin, namespace, cid)
-    path = address.socket_path(grpc_address, namespace, address.group_id(bundle, cid),
-                               socket_dir or address.SOCKET_DIR)
+    socket_dir = ""
+    from shim.wire import is_bootstrap_params
+    if is_bootstrap_params(stdin, namespace, cid):  # containerd 2.3+
+        from shim.options import bootstrap_params
+        socket_dir = bootstrap_params(stdin).socket_dir
+    path = address.socket_path(str(flags.get("address", "")), namespace,
+                               address.group_id(bundle, cid), socket_dir or address.SOCKET_DIR)
     addr = "unix://" + path
     listener = address.listen(path)
     address.write_address_file(bundle, addr)
     if listener is None:  # a shim of this group is running: containerd joins it
         _print(addr)
         return 0
-    pid = os.fork()
-    if pid == 0:
+    containerd_pid = os.getppid()
+    if os.fork() == 0:
         try:
             from shim import daemon
             daemon.detach(bool(flags.get("debug")), namespace, cid)
-            daemon.serve(listener, namespace, bundle, os.environ.get("TTRPC_ADDRESS", ""))
+            daemon.serve(listener, namespace, cid, bundle, os.environ.get("TTRPC_ADDRESS", ""),
+                         start_stdin=stdin, containerd_pid=containerd_pid)
         except BaseException:
             import logging
             logging.getLogger("shim").exception("shim daemon for %s failed", cid)
         finally:
             os._exit(1)
     listener.close()
-    from shim import placement
-    if shim_cgroup:
-        placement.join_cgroup(pid, shim_cgroup)
-    placement.adjust_oom_score(pid, os.getppid())
     _print(addr)
     return 0
-
-
-def _bootstrap(stdin: bytes, namespace: str, cid: str) -> tuple[str, str]:
-    """(socket dir, shim cgroup) from start's stdin: containerd up to 2.2 sends the
-    runtime options as an Any; 2.3 sends BootstrapParams, whose fields 1 and 2 are the
-    id and the namespace, with the options inside `extensions`."""
-    if not stdin:
-        return "", ""
-    from shim import options
-    from shim.api.bootstrap_pb2 import BootstrapParams
-    from google.protobuf.message import DecodeError
-    try:
-        params = BootstrapParams.FromString(stdin)
-    except DecodeError:
-        params = None
-    if params is not None and params.instance_id == cid and params.namespace == namespace:
-        shim_cgroup = ""
-        for ext in params.extensions:
-            shim_cgroup = shim_cgroup or options.decode(
-                ext.value.type_url, ext.value.value, f"start {cid}").shim_cgroup
-        return params.socket_dir, shim_cgroup
-    return "", options.decode_any_bytes(stdin, f"start {cid}").shim_cgroup
 
 
 def _read_stdin() -> bytes:

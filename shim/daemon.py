@@ -34,11 +34,21 @@ def detach(debug: bool, namespace: str, cid: str) -> None:
         os.close(fd)
 
 
-def serve(listener, namespace: str, bundle: str, ttrpc_address: str) -> None:
+def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *,
+          start_stdin: bytes = b"", containerd_pid: int = 0) -> None:
     """Run the daemon until Shutdown with no containers left (or SIGTERM)."""
+    from shim import options, placement
     from shim.events import Publisher
     from shim.service import TaskService
     from shim.ttrpc import Server
+
+    # Where containerd's runc shim puts itself: ShimCgroup, and an OOM score one above
+    # containerd's, so the kernel picks a shim before containerd.
+    shim_cgroup = options.from_start_stdin(start_stdin, namespace, cid).shim_cgroup
+    if shim_cgroup:
+        placement.join_cgroup(os.getpid(), shim_cgroup)
+    if containerd_pid:
+        placement.adjust_oom_score(os.getpid(), containerd_pid)
 
     try:
         set_child_subreaper()

@@ -6,9 +6,8 @@ mount(2) flags, everything else is passed on as the filesystem's data string.
 
 from __future__ import annotations
 
-import ctypes
 import os
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -42,18 +41,28 @@ _FLAGS: dict[str, tuple[bool, int]] = {
     "sync": (False, MS_SYNCHRONOUS),
 }
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                        ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc_handle = None
 
 
-@dataclass(frozen=True)
-class Mount:
-    type: str
-    source: str
-    options: list[str] = field(default_factory=list)
-    target: str = ""  # a sub-path inside the rootfs (containerd 2.x); "" = the rootfs itself
+def _libc():  # loaded on first use: the `delete` action usually needs no syscall here
+    global _libc_handle
+    if _libc_handle is None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                               ctypes.c_ulong, ctypes.c_char_p]
+        libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+        _libc_handle = libc
+    return _libc_handle
+
+
+def _errno() -> int:
+    import ctypes
+    return ctypes.get_errno()
+
+
+# target: a sub-path inside the rootfs (containerd 2.x); "" is the rootfs itself.
+Mount = namedtuple("Mount", ["type", "source", "options", "target"], defaults=[""])
 
 
 def parse_options(options: list[str]) -> tuple[int, str]:
@@ -70,9 +79,9 @@ def parse_options(options: list[str]) -> tuple[int, str]:
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    if _libc.mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+    if _libc().mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
                    flags, data.encode() if data else None) != 0:
-        err = ctypes.get_errno()
+        err = _errno()
         raise OSError(err, f"mount {source} on {target} ({fstype}): {os.strerror(err)}")
 
 
@@ -145,9 +154,9 @@ def _escape(path: str) -> str:
 
 def unmount(path: str, lazy: bool = False) -> bool:
     """Unmount once; False when nothing is mounted there."""
-    if _libc.umount2(path.encode(), MNT_DETACH if lazy else 0) == 0:
+    if _libc().umount2(path.encode(), MNT_DETACH if lazy else 0) == 0:
         return True
-    err = ctypes.get_errno()
+    err = _errno()
     if err in (22, 2):  # EINVAL: not a mount point; ENOENT: no such path
         return False
     raise OSError(err, f"unmount {path}: {os.strerror(err)}")

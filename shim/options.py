@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from shim.runc import RuncConfig
+from shim.runc_config import DEFAULT_ROOT, RuncConfig
 
 log = logging.getLogger("shim.options")
 
@@ -33,7 +33,7 @@ def decode(type_url: str, value: bytes, context: str) -> Options:
         from shim.api.runc_options_pb2 import Options as Pb
         o = Pb.FromString(value)
         return Options(RuncConfig(
-            binary=o.binary_name or "runc", root=o.root or RuncConfig.root,
+            binary=o.binary_name or "runc", root=o.root or DEFAULT_ROOT,
             systemd_cgroup=o.systemd_cgroup, no_pivot_root=o.no_pivot_root,
             no_new_keyring=o.no_new_keyring, criu_path=o.criu_path,
             io_uid=o.io_uid or -1, io_gid=o.io_gid or -1), o.shim_cgroup)
@@ -100,3 +100,28 @@ def decode_any_bytes(data: bytes, context: str) -> Options:
         log.warning("%s: runtime options on stdin are not a protobuf Any; ignored", context)
         return Options(RuncConfig())
     return decode(a.type_url, a.value, context)
+
+
+def bootstrap_params(data: bytes):  # -> BootstrapParams
+    from shim.api.bootstrap_pb2 import BootstrapParams
+    return BootstrapParams.FromString(data)
+
+
+def from_start_stdin(data: bytes, namespace: str, cid: str) -> Options:
+    """The options `start` got on stdin: an Any (containerd up to 2.2) or, from 2.3,
+    BootstrapParams with the options inside `extensions`."""
+    context = f"start {cid}"
+    if not data:
+        return Options(RuncConfig())
+    from google.protobuf.message import DecodeError
+    try:
+        params = bootstrap_params(data)
+    except DecodeError:
+        params = None
+    if params is not None and params.instance_id == cid and params.namespace == namespace:
+        for ext in params.extensions:
+            found = decode(ext.value.type_url, ext.value.value, context)
+            if found.shim_cgroup or found.runc != RuncConfig():
+                return found
+        return Options(RuncConfig())
+    return decode_any_bytes(data, context)

@@ -12,57 +12,13 @@ import json
 import os
 import signal
 import subprocess
-from dataclasses import dataclass
 from typing import IO, Any
 
 from shim.reaper import Reaper
-
-DEFAULT_ROOT = "/run/containerd/runc"
-OPTIONS_FILE = "options.json"  # in the bundle: lets the `delete` action find runc again
-
+from shim.runc_config import RuncConfig
 
 class RuncError(Exception):
     """A runc command failed; the message is runc's own error text."""
-
-
-@dataclass(frozen=True)
-class RuncConfig:
-    """The options that select and configure the runtime binary (containerd.runc.v1.Options)."""
-
-    binary: str = "runc"
-    root: str = DEFAULT_ROOT
-    systemd_cgroup: bool = False
-    no_pivot_root: bool = False
-    no_new_keyring: bool = False
-    criu_path: str = ""
-    io_uid: int = -1   # owner of the container's stdio pipes (-1: the shim's)
-    io_gid: int = -1
-
-    def command(self, namespace: str, bundle: str, *args: str) -> list[str]:
-        """A full runc command line: global flags, then `args`."""
-        argv = [self.binary, "--root", os.path.join(self.root, namespace),
-                "--log", os.path.join(bundle, "log.json"), "--log-format", "json"]
-        if self.criu_path:
-            argv += ["--criu", self.criu_path]
-        if self.systemd_cgroup:
-            argv.append("--systemd-cgroup")
-        return argv + list(args)
-
-    def save(self, bundle: str) -> None:
-        path = os.path.join(bundle, OPTIONS_FILE)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.__dict__, f)
-
-    @classmethod
-    def load(cls, bundle: str) -> "RuncConfig":
-        """The config saved by Create, or the defaults when there is none."""
-        try:
-            with open(os.path.join(bundle, OPTIONS_FILE)) as f:
-                data = json.load(f)
-            return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-        except (OSError, ValueError, TypeError, AttributeError):
-            return cls()
 
 
 class Runc:

@@ -6,7 +6,7 @@ from shim import options
 from shim.api.runc_options_pb2 import Options as RuncOptions
 from shim.api.runctypes_pb2 import CreateOptions
 from shim.api.runtimeoptions_pb2 import Options as RuntimeOptions
-from shim.runc import RuncConfig
+from shim.runc_config import RuncConfig
 
 
 def test_runc_options():

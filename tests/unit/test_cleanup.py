@@ -1,0 +1,53 @@
+"""The `delete` action's reply, encoded by hand, must be what protobuf would encode."""
+
+import subprocess
+import sys
+
+import pytest
+
+from shim.api.task_pb2 import DeleteResponse
+from shim.wire import delete_response
+
+
+@pytest.mark.parametrize("pid,status,ns", [
+    (14827, 137, 1_795_825_596_761_348_609), (0, 137, 1_700_000_000_000_000_000),
+    (1, 0, 5), (2**32 - 1, 255, 1_000_000_000)])
+def test_delete_response_matches_protobuf(pid, status, ns):
+    got = delete_response(pid, status, ns)
+    seconds, nanos = divmod(ns, 10**9)
+    want = DeleteResponse(pid=pid, exit_status=status)
+    want.exited_at.seconds, want.exited_at.nanos = seconds, nanos
+    assert got == want.SerializeToString()
+    parsed = DeleteResponse.FromString(got)
+    assert (parsed.pid, parsed.exit_status, parsed.exited_at.seconds) == (pid, status, seconds)
+
+
+def test_delete_of_an_unknown_bundle_is_idempotent(tmp_path):
+    argv = [sys.executable, "-m", "shim.cli", "-namespace", "default", "-address", "/x",
+            "-id", "gone", "-bundle", str(tmp_path), "delete"]
+    for _ in range(2):
+        result = subprocess.run(argv, capture_output=True, cwd=tmp_path, timeout=30)
+        assert result.returncode == 0, result.stderr
+        reply = DeleteResponse.FromString(result.stdout)
+        assert (reply.pid, reply.exit_status) == (0, 137)
+        assert reply.exited_at.seconds > 0
+
+
+def test_bootstrap_params_are_told_from_an_any():
+    from google.protobuf.any_pb2 import Any
+
+    from shim.api.bootstrap_pb2 import BootstrapParams
+    from shim.api.runc_options_pb2 import Options
+    from shim.wire import is_bootstrap_params
+
+    params = BootstrapParams(instance_id="c1", namespace="default", containerd_version="2.3.0")
+    params.extensions.add().value.CopyFrom(Any(type_url="containerd.runc.v1.Options",
+                                               value=Options(binary_name="crun").SerializeToString()))
+    assert is_bootstrap_params(params.SerializeToString(), "default", "c1")
+    assert not is_bootstrap_params(params.SerializeToString(), "other", "c1")
+    options = Any(type_url="containerd.runc.v1.Options", value=b"")
+    assert not is_bootstrap_params(options.SerializeToString(), "default", "c1")
+    assert not is_bootstrap_params(b"", "default", "c1")
+    long_id = "x" * 200  # multi-byte length prefix
+    long_params = BootstrapParams(instance_id=long_id, namespace="default")
+    assert is_bootstrap_params(long_params.SerializeToString(), "default", long_id)
