@@ -68,8 +68,8 @@ def listen(path: str) -> socket.socket | None:
     return sock
 
 
-def is_live(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+def is_live(path: str, kind: int = socket.SOCK_STREAM) -> bool:
+    probe = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     probe.settimeout(1.0)
     try:
         probe.connect(path)

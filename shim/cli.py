@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from shim.cleanup import delete
         return delete(namespace, cid, str(flags.get("bundle") or os.getcwd()),
                       bool(flags.get("debug")))
+    if action == "zygote":  # started by `start` itself, never by containerd
+        from shim import zygote
+        zygote.serve(str(flags.get("address", "")))
+        return 0
     print(f"unknown action {action!r}: expected start or delete", file=sys.stderr)
     return 2
 
@@ -102,18 +106,15 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     if listener is None:  # a shim of this group is running: containerd joins it
         _print(addr)
         return 0
-    containerd_pid = os.getppid()
-    if os.fork() == 0:
-        try:
+    from shim import zygote
+    debug, containerd_pid = bool(flags.get("debug")), os.getppid()
+    request = (bundle, dict(os.environ), debug, namespace, cid, stdin, containerd_pid)
+    containerd_address = str(flags.get("address", ""))
+    if not zygote.handoff(containerd_address, listener, request):
+        if os.fork() == 0:
             from shim import daemon
-            daemon.detach(bool(flags.get("debug")), namespace, cid)
-            daemon.serve(listener, namespace, cid, bundle, os.environ.get("TTRPC_ADDRESS", ""),
-                         start_stdin=stdin, containerd_pid=containerd_pid)
-        except BaseException:
-            import logging
-            logging.getLogger("shim").exception("shim daemon for %s failed", cid)
-        finally:
-            os._exit(1)
+            daemon.run(listener, debug, namespace, cid, bundle, stdin, containerd_pid)
+        zygote.spawn(containerd_address)  # for the next start
     listener.close()
     _print(addr)
     return 0

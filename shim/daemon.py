@@ -1,6 +1,7 @@
 """The long-lived shim process: serves the task API, reaps, and holds the containers' stdio.
 
-It is forked from `start` (not exec'd), so it inherits the listening socket and skips a
+It is forked, not exec'd: from the zygote (shim/zygote.py), or from `start` when no
+zygote runs; either way it inherits the listening socket `start` bound and skips a
 second interpreter start-up. The main thread runs the reaper (Python only delivers
 signals, SIGCHLD included, to the main thread); the ttrpc server runs in threads.
 """
@@ -32,6 +33,20 @@ def detach(debug: bool, namespace: str, cid: str) -> None:
     shimlog.setup(2 if fd is not None else None, debug, namespace=namespace, id=cid)
     if fd is not None:
         os.close(fd)
+
+
+def run(listener, debug: bool, namespace: str, cid: str, bundle: str, start_stdin: bytes,
+        containerd_pid: int) -> None:
+    """The daemon's whole life, in a freshly forked process (from `start` or the
+    zygote); never returns."""
+    try:
+        detach(debug, namespace, cid)
+        serve(listener, namespace, cid, bundle, os.environ.get("TTRPC_ADDRESS", ""),
+              start_stdin=start_stdin, containerd_pid=containerd_pid)
+    except BaseException:
+        log.exception("shim daemon for %s failed", cid)
+    finally:
+        os._exit(1)
 
 
 def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *,

@@ -1,0 +1,264 @@
+"""A warmed interpreter that forks shim daemons, so that a new shim costs a fork.
+
+A shim daemon needs protobuf, the task service and their imports: tens of
+milliseconds on every container's critical path, and several MiB of private memory
+per shim. The zygote imports all of it once, freezes it for the garbage collector
+(`gc.freeze`: collections then never write to those pages), and forks a daemon per
+`start`. Forked daemons share its pages copy-on-write.
+
+Nothing depends on the zygote staying alive:
+  * `start` hands it the listening socket it has already bound (the address is
+    already in the bundle). If no zygote answers, `start` forks the daemon itself, as
+    it would without one, and leaves a new zygote behind for the next start.
+  * A daemon is an ordinary child of the zygote: when the zygote exits, its daemons
+    are re-parented like any orphan and go on serving.
+  * The zygote exits on its own once it has had no daemon and no request for
+    IDLE_SECONDS, and as soon as the installed code changes under it.
+Only a peer with the zygote's own uid is served; the socket is an owner-only file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+ZYGOTE_DIR = "/run/pyshim"
+IDLE_SECONDS = 5.0
+MAX_REQUEST = 1 << 20
+DISABLE_ENV = "PYSHIM_NO_ZYGOTE"
+
+
+def _source_dir() -> str:
+    return os.path.dirname(os.path.abspath(__file__))
+
+
+def socket_path(containerd_address: str) -> str:
+    """One zygote per containerd, interpreter and installation (and mount namespace:
+    the socket lives in /run, as containerd's own shim sockets do)."""
+    import hashlib
+    key = f"{containerd_address}\0{sys.executable}\0{_source_dir()}\0{os.getuid()}".encode()
+    return os.path.join(ZYGOTE_DIR, f"zygote-{hashlib.sha256(key).hexdigest()[:16]}.sock")
+
+
+def handoff(containerd_address: str, listener: socket.socket, request: tuple) -> bool:
+    """Ask a running zygote to fork the daemon for `request`; False when none did."""
+    import marshal
+    if os.environ.get(DISABLE_ENV):
+        return False
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        conn.settimeout(1.0)
+        try:
+            conn.connect(socket_path(containerd_address))
+            socket.send_fds(conn, [marshal.dumps(request)], [listener.fileno()])
+        except OSError:
+            return False  # no zygote, or one on its way out: nothing was handed over
+        # Once handed over, only a refusal means nobody serves: the zygote answers as
+        # soon as it has forked, but a loaded machine may keep it waiting.
+        conn.settimeout(30.0)
+        try:
+            reply = conn.recv(64)
+        except OSError:
+            reply = b""
+        return not reply.startswith(b"no") and reply != b""
+    finally:
+        conn.close()
+
+
+def spawn(containerd_address: str) -> None:
+    """Start a zygote in the background (from `start`, after it has done its job)."""
+    if os.environ.get(DISABLE_ENV):
+        return
+    pid = os.fork()
+    if pid != 0:
+        os.waitpid(pid, 0)  # the intermediate child exits at once
+        return
+    try:
+        os.setsid()
+        if os.fork() != 0:  # not a child of `start`: containerd waits for start's exit
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.chdir("/")
+        # A fresh process whose command line says what it is (`… zygote` in ps), off
+        # the critical path of the start that spawned it.
+        argv0 = sys.argv[0]
+        if os.path.basename(argv0) == "containerd-shim-pyshim-v1":
+            os.execv(sys.executable, [sys.executable, "-IS", argv0,
+                                      "-address", containerd_address, "zygote"])
+        os.execv(sys.executable, [sys.executable, "-IS", "-c",
+                                  f"import sys; sys.path[:0] = {sys.path!r}; "
+                                  "from shim.zygote import serve; serve(sys.argv[2])",
+                                  "-address", containerd_address, "zygote"])
+    finally:
+        os._exit(0)
+
+
+def _code_stamp() -> float:
+    """The newest modification time of the installed code: a zygote must never fork
+    daemons from older code than the binary containerd just ran."""
+    newest = 0.0
+    for root, _, files in os.walk(_source_dir()):
+        for name in files:
+            if name.endswith(".py"):
+                try:
+                    newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+                except OSError:
+                    pass
+    return newest
+
+
+def serve(containerd_address: str) -> None:
+    import gc
+    import marshal
+    import select
+    import signal
+    import time
+
+    # Everything a daemon imports, imported once here.
+    import shim.daemon  # noqa: F401
+    import shim.events  # noqa: F401
+    import shim.service  # noqa: F401
+    import shim.ttrpc  # noqa: F401
+
+    path = socket_path(containerd_address)
+    os.makedirs(ZYGOTE_DIR, mode=0o700, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except OSError:
+        from shim.address import is_live
+        if is_live(path, socket.SOCK_SEQPACKET):
+            return  # another zygote won the race
+        os.unlink(path)
+        sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    stamp = _code_stamp()
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    gc.collect()
+    gc.freeze()
+
+    children: set[int] = set()
+    last_activity = time.monotonic()
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    try:
+        while True:
+            ready = {fd for fd, _ in poller.poll(1000)}
+            if wake_r in ready:
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except BlockingIOError:
+                    pass
+            while children:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    children.clear()
+                    break
+                if pid == 0:
+                    break
+                children.discard(pid)
+                last_activity = time.monotonic()
+            if _code_stamp() != stamp:
+                return  # new code installed: let the next start spawn a fresh zygote
+            if sock.fileno() in ready:
+                last_activity = time.monotonic()
+                pid = _fork_daemon(sock, marshal, (wake_r, wake_w))
+                if pid:
+                    children.add(pid)
+            elif not children and time.monotonic() - last_activity > IDLE_SECONDS:
+                return
+    finally:
+        try:
+            if os.stat(path).st_ino == os.fstat(sock.fileno()).st_ino:
+                os.unlink(path)
+        except OSError:
+            pass
+        sock.close()
+
+
+def _fork_daemon(sock: socket.socket, marshal, own_fds: tuple[int, ...]) -> int:
+    """Accept one request and fork its daemon; returns the daemon's pid (0 if none)."""
+    import struct
+    conn, _ = sock.accept()
+    fds: list[int] = []
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer, uid, _ = struct.unpack("3i", creds)
+        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 1)
+        if uid != os.geteuid() or len(fds) != 1 or not _same_namespaces(peer):
+            conn.send(b"no")  # start then forks the daemon itself
+            return 0
+        request = marshal.loads(data)
+        cgroups = _cgroup_dirs(peer)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            conn.close()
+            for fd in own_fds:
+                os.close(fd)
+            _become_daemon(fds[0], request, cgroups)  # never returns
+        conn.send(b"ok %d" % pid)
+        return pid
+    except (OSError, ValueError, EOFError, TypeError):
+        return 0
+    finally:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+
+
+def _same_namespaces(peer: int) -> bool:
+    """A daemon forked here lives in the zygote's pid and mount namespaces: serve only
+    a `start` that runs in the same ones (a containerd in its own namespaces gets its
+    own zygote, or none)."""
+    try:
+        return all(os.readlink(f"/proc/{peer}/ns/{ns}") == os.readlink(f"/proc/self/ns/{ns}")
+                   for ns in ("pid", "mnt"))
+    except OSError:
+        return False
+
+
+def _cgroup_dirs(peer: int) -> list[str]:
+    """The cgroup directories of `start` (so containerd's), where its daemon belongs,
+    as runc-v2's shim would be; empty when they are the zygote's own."""
+    from shim.cgroups import Cgroup
+    try:
+        theirs, ours = Cgroup.for_pid(peer), Cgroup.for_pid(os.getpid())
+    except (OSError, ValueError):
+        return []
+    if (theirs.v2_path, theirs.v1_paths) == (ours.v2_path, ours.v1_paths):
+        return []
+    return sorted({theirs.v2_path} if theirs.v2_path else set(theirs.v1_paths.values()))
+
+
+def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str]) -> None:
+    import signal
+
+    from shim import daemon
+
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    cwd, environ, debug, namespace, cid, start_stdin, containerd_pid = request
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(environ)
+    for directory in cgroups:
+        try:
+            with open(os.path.join(directory, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        except OSError:
+            pass  # stays in the zygote's cgroup
+    listener = socket.socket(fileno=listener_fd)
+    daemon.run(listener, debug, namespace, cid, cwd, start_stdin, containerd_pid)

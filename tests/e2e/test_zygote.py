@@ -1,0 +1,84 @@
+"""The zygote (shim/zygote.py): shims forked from a warmed interpreter, never dependent on it."""
+import time
+
+import psutil
+import pytest
+
+from shim import zygote
+
+
+def zygotes(containerd):
+    """The zygote processes of this containerd: direct children of its subreaper."""
+    found = []
+    for proc in psutil.Process(containerd.process.pid).children():
+        try:
+            if proc.cmdline()[-1:] == ["zygote"] and containerd.address in proc.cmdline():
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def shim_of(containerd, cid):
+    """The shim daemon process serving `cid` (the parent of its init)."""
+    pid, _ = containerd.tasks()[cid]
+    return psutil.Process(pid).parent()
+
+
+@pytest.fixture
+def pyshim_only(containerd):
+    if containerd.runtime != "io.containerd.pyshim.v1":
+        pytest.skip("the zygote is pyshim's")
+
+
+def start_sleeper(containerd, ctr, cid):
+    result = ctr("run", "-d", "--runtime", containerd.runtime, containerd.image, cid, "sleep", "1000")
+    assert result.rc == 0, result.stderr
+
+
+def remove(ctr, cid):
+    ctr("task", "kill", "--signal", "SIGKILL", cid)
+    for _ in range(100):
+        if ctr("task", "rm", cid).rc == 0:
+            break
+        time.sleep(0.05)
+    assert ctr("container", "rm", cid).rc == 0
+
+
+def test_later_shims_are_forked_by_the_zygote(pyshim_only, containerd, ctr, run, cid):
+    assert run("true").rc == 0  # leaves a zygote behind if none was running
+    deadline = time.monotonic() + 10
+    while not zygotes(containerd) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [z] = zygotes(containerd)
+    start_sleeper(containerd, ctr, cid)
+    try:
+        assert shim_of(containerd, cid).ppid() == z.pid
+    finally:
+        remove(ctr, cid)
+
+
+def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
+    assert run("true").rc == 0
+    deadline = time.monotonic() + 10
+    while not zygotes(containerd) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    start_sleeper(containerd, ctr, cid)
+    shim = shim_of(containerd, cid)
+    for z in zygotes(containerd):
+        z.kill()
+        z.wait(5)
+    assert shim.is_running()
+    # The orphaned shim still serves its container: exec, then a clean stop.
+    result = ctr("task", "exec", "--exec-id", "after", cid, "sh", "-c", "echo alive; exit 3")
+    assert (result.rc, result.stdout) == (3, "alive\n")
+    remove(ctr, cid)
+    assert run("echo", "next").stdout == "next\n"  # and new containers still start
+
+
+def test_an_idle_zygote_exits_on_its_own(pyshim_only, containerd, run):
+    assert run("true").rc == 0
+    deadline = time.monotonic() + zygote.IDLE_SECONDS + 5
+    while zygotes(containerd) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not zygotes(containerd)
