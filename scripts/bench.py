@@ -60,7 +60,8 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def shim_pids(runtime: str) -> list[int]:
+def shim_pids(runtime: str, address: str) -> list[int]:
+    """The shim processes (pyshim's zygote included) of the containerd at `address`."""
     name = shim_binary_name(runtime)
     pids = []
     for entry in os.listdir("/proc"):
@@ -72,7 +73,8 @@ def shim_pids(runtime: str) -> list[int]:
         except OSError:
             continue
         # pyshim's launcher runs under the interpreter: its name is argv[1] or argv[2].
-        if any(os.path.basename(a.decode(errors="replace")) == name for a in argv[:3]):
+        if any(os.path.basename(a.decode(errors="replace")) == name for a in argv[:3]) \
+                and address.encode() in argv:
             pids.append(int(entry))
     return pids
 
@@ -168,7 +170,7 @@ class Bench:
                 for cid in cids:
                     self.start_detached(runtime, cid)
                 time.sleep(1.0)  # let start-up garbage settle
-                rss, pss = memory_kib(shim_pids(runtime))
+                rss, pss = memory_kib(shim_pids(runtime, self.c.address))
             finally:
                 self.remove(cids)
             self.record(f"RSS per container, {count} running (MiB)", runtime, rss / 1024 / count)

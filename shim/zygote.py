@@ -179,9 +179,10 @@ def serve(containerd_address: str) -> None:
             elif not children and time.monotonic() - last_activity > IDLE_SECONDS:
                 return
     finally:
+        # Unlink before closing: once the name is gone no start can reach this zygote,
+        # and a new zygote's socket cannot be bound under it yet.
         try:
-            if os.stat(path).st_ino == os.fstat(sock.fileno()).st_ino:
-                os.unlink(path)
+            os.unlink(path)
         except OSError:
             pass
         sock.close()
