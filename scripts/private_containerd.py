@@ -15,9 +15,11 @@ namespace of its own keeps those apart from any other containerd's;
 
 Standard library only (the demo runs it before anything else is installed).
 """
+import contextlib
 import ctypes
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,8 +104,13 @@ class PrivateContainerd:
     """A containerd with its own socket, root, state and log under `workdir`."""
 
     def __init__(self, workdir, *, containerd="containerd", ctr="ctr", path_prefix=(), namespace="default",
-                 log_level="info", grace=2.0):
+                 log_level="info", grace=2.0, cri_config=None, restartable=False):
         self.workdir = Path(workdir)
+        # restartable: kill_containerd() and restart() may stop and start containerd while its shims
+        # run on (they stay children of the same subreaper, see subreaper.py --restartable)
+        self.restartable = restartable
+        # TOML tables appended to the config that configure the CRI plugin; None disables CRI
+        self.cri_config = cri_config
         self.containerd_bin = containerd
         self.ctr_bin = ctr
         self.path_prefix = [str(p) for p in path_prefix]
@@ -118,17 +125,18 @@ class PrivateContainerd:
         self.process = None  # the subreaper
         self.containerd_pid = None
         self._log_start = 0  # where this run's part of the log begins
+        self._major = None
 
     # -- configuration and lifecycle ------------------------------------------------------------
 
     def config(self):
         q = json.dumps  # a JSON string is a valid TOML basic string
         return "\n".join([
-            "version = 2",
+            # containerd 2.x reads version 2 too, but migrates it on every start: give it its own.
+            f"version = {3 if self.major_version() >= 2 else 2}",
             f"root = {q(str(self.root))}",
             f"state = {q(str(self.state))}",
-            "# CRI is not used yet; it would also want a pause image and CNI.",
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+            f"disabled_plugins = {q(self.disabled_plugins())}",
             "",
             "[grpc]",
             f"  address = {q(self.address)}",
@@ -139,7 +147,25 @@ class PrivateContainerd:
             '[plugins."io.containerd.internal.v1.opt"]',
             f"  path = {q(str(self.workdir / 'opt'))}",
             "",
+            *([self.cri_config] if self.cri_config is not None else []),
         ])
+
+    def major_version(self):
+        """containerd's major version (1 or 2), from `containerd --version`; cached."""
+        if self._major is None:
+            version = daemon_version(self.containerd_bin) or "1"
+            self._major = int(re.match(r"\d*", version)[0] or 1)
+        return self._major
+
+    def disabled_plugins(self):
+        """NRI (its socket, /var/run/nri/nri.sock, is machine-wide; on by default in 2.x) and,
+        without `cri_config`, CRI: it would also want a pause image and CNI. 2.x splits CRI into
+        three plugins."""
+        disabled = ["io.containerd.nri.v1.nri"]
+        if self.cri_config is None:
+            disabled += (["io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime"]
+                         if self.major_version() >= 2 else ["io.containerd.grpc.v1.cri"])
+        return disabled
 
     def environ(self):
         env = dict(os.environ)
@@ -155,9 +181,14 @@ class PrivateContainerd:
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(SCRIPTS / "subreaper.py"), "--grace", str(self.grace), "--",
+                [sys.executable, str(SCRIPTS / "subreaper.py"), "--grace", str(self.grace),
+                 *(["--restartable"] if self.restartable else []), "--",
                  self.containerd_bin, "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.environ())
+        self._wait_until_answering(timeout)
+        return self
+
+    def _wait_until_answering(self, timeout):
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -170,8 +201,39 @@ class PrivateContainerd:
                 raise RuntimeError(f"containerd did not answer within {timeout}s; log {self.log_path}:\n"
                                    f"{self.log_tail()}")
             time.sleep(0.05)
-        children = [pid for pid, _ in subreaper.descendants(self.process.pid)]
+        # the subreaper's child running our config (its other children are re-parented shims)
+        mine = f" --config {self.config_path}"
+        children = [pid for pid, args in subreaper.descendants(self.process.pid) if mine in args]
         self.containerd_pid = children[0] if children else None
+
+    def kill_containerd(self):
+        """SIGKILL containerd itself (needs `restartable`): its shims and containers run on, children
+        of the subreaper. Returns once containerd is reaped; `restart()` starts it again."""
+        assert self.restartable and self.running(), "kill_containerd needs a running, restartable containerd"
+        pid, self.containerd_pid = self.containerd_pid, None
+        _kill(pid)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists():  # until the subreaper has reaped it
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"containerd (pid {pid}) still not reaped 10s after SIGKILL")
+            time.sleep(0.01)
+
+    @contextlib.contextmanager
+    def killed(self):
+        """`with containerd.killed():` containerd is SIGKILLed for the block and started again after
+        it (also when the block fails), while the shims and containers run on."""
+        self.kill_containerd()
+        try:
+            yield self
+        finally:
+            self.restart()
+
+    def restart(self, timeout=30.0):
+        """Start containerd again after kill_containerd(), same config, socket and log; wait until it
+        answers."""
+        assert self.restartable and self.process is not None and not self.running()
+        self.process.send_signal(signal.SIGHUP)  # subreaper --restartable: start COMMAND again
+        self._wait_until_answering(timeout)
         return self
 
     def running(self):
@@ -249,6 +311,15 @@ class PrivateContainerd:
         except FileNotFoundError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def daemon_version(containerd="containerd"):
+    """The version word of `containerd --version` (e.g. `1.6.20~ds1`, `2.1.9+unknown`), or None."""
+    try:
+        out = subprocess.run([containerd, "--version"], capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out[2] if len(out) >= 3 else None
 
 
 def _text(data):

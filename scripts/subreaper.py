@@ -7,7 +7,7 @@ would stay a zombie forever. Running containerd under this program makes it the
 nearest subreaper (prctl PR_SET_CHILD_SUBREAPER): such orphans are re-parented
 here and reaped.
 
-    subreaper.py [--grace SECONDS] -- COMMAND [ARG...]
+    subreaper.py [--grace SECONDS] [--restartable] -- COMMAND [ARG...]
 
 * COMMAND runs with default signal dispositions and an empty signal mask.
 * SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 are forwarded to it.
@@ -17,6 +17,13 @@ here and reaped.
   "subreaper: killing leftover pid PID (PPID ppid): ARGS" and sent SIGKILL, and
   all are reaped. A forwarded signal during the grace period ends it at once.
 * The exit status is COMMAND's: its exit code, or 128 + the signal that ended it.
+
+With --restartable (the end-to-end tests restart containerd while its shims run):
+* SIGHUP is not forwarded; it asks for COMMAND to be started again once it has exited.
+* When COMMAND exits other than after a forwarded SIGTERM, SIGINT or SIGQUIT (e.g. it
+  was SIGKILLed), its descendants are left alone and reaped as usual: a pending or
+  later SIGHUP starts COMMAND again, a SIGTERM, SIGINT or SIGQUIT ends the subreaper
+  as above (grace period, leftovers killed, COMMAND's last exit status).
 
 Standard library only; Linux only.
 """
@@ -30,6 +37,7 @@ import time
 PR_SET_CHILD_SUBREAPER = 36
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 HANDLED = set(FORWARDED) | {signal.SIGCHLD}
+ENDING = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)  # forwarded, they end a --restartable run too
 KILL_ROUNDS_TIMEOUT = 10.0
 
 
@@ -130,20 +138,37 @@ def kill_leftovers():
     log("gave up: descendants still not reaped")
 
 
-def run(argv, grace):
+def run(argv, grace, restartable=False):
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     set_child_subreaper()
-    main_pid = spawn(argv)
-    main_status = None
-    while main_status is None:
-        info = signal.sigwaitinfo(HANDLED)
-        if info.si_signo == signal.SIGCHLD:
-            main_status, _ = reap(main_pid)
-        else:
-            try:
-                os.kill(main_pid, info.si_signo)
-            except ProcessLookupError:
-                pass
+    ending = False  # a forwarded SIGTERM/SIGINT/SIGQUIT: no restart
+    while True:
+        main_pid = spawn(argv)
+        main_status = None
+        restart = False  # --restartable: SIGHUP seen
+        while main_status is None:
+            info = signal.sigwaitinfo(HANDLED)
+            if info.si_signo == signal.SIGCHLD:
+                main_status, _ = reap(main_pid)
+            elif restartable and info.si_signo == signal.SIGHUP:
+                restart = True
+            else:
+                ending = ending or info.si_signo in ENDING
+                try:
+                    os.kill(main_pid, info.si_signo)
+                except ProcessLookupError:
+                    pass
+        if not restartable or ending:
+            break
+        log(f"{argv[0]} exited with status {wait_status_code(main_status)}; waiting for SIGHUP to start it again")
+        while not (restart or ending):  # COMMAND is down: keep reaping orphans
+            info = signal.sigwaitinfo(HANDLED)
+            if info.si_signo == signal.SIGCHLD:
+                reap(None)
+            restart = info.si_signo == signal.SIGHUP
+            ending = info.si_signo in ENDING
+        if ending:
+            break
     deadline = time.monotonic() + grace
     while True:
         _, remaining = reap(None)
@@ -161,16 +186,18 @@ def run(argv, grace):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(usage="%(prog)s [--grace SECONDS] -- COMMAND [ARG...]",
+    parser = argparse.ArgumentParser(usage="%(prog)s [--grace SECONDS] [--restartable] -- COMMAND [ARG...]",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--grace", type=float, default=2.0,
                         help="seconds descendants get to exit after COMMAND exits (default %(default)s)")
+    parser.add_argument("--restartable", action="store_true",
+                        help="SIGHUP starts COMMAND again after it died; see above")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given")
-    return run(command, args.grace)
+    return run(command, args.grace, args.restartable)
 
 
 if __name__ == "__main__":

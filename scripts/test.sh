@@ -1,8 +1,43 @@
 #!/usr/bin/env bash
-# Install what is missing (scripts/setup.sh), then run the test suite; extra arguments go to pytest.
+# Install what is missing (scripts/setup.sh) and the later containerd releases of the matrix
+# (scripts/containerd_versions.py: Debian's .debs unpacked under .work/, cached), then run:
+#   1. pytest tests                       unit tests, and the end-to-end tests against the
+#                                         containerd on PATH (Debian 12: 1.6)
+#   2. pytest tests --ignore=tests/unit   the end-to-end tests again for each later containerd
+#                                         (CONTAINERD_BIN/CTR_BIN = .work/containerd-SERIES/usr/bin/…)
+# Extra arguments go to every pytest run. Every run happens; the exit status is the first failing
+# run's, else 0 if any test ran, else 5 (pytest's "no tests collected").
 #   PYSHIM_TEST_RUNTIME  runtime the end-to-end tests use (default io.containerd.pyshim.v1)
-#   CONTAINERD_BIN       containerd binary the tests start (default: containerd on PATH)
+#   CONTAINERD_BIN       containerd binary for run 1 (default: containerd on PATH)
+#   PYSHIM_TEST_MATRIX   later containerd series for run 2 (default "1.7 2.1"; empty: skip run 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest tests "$@"
+matrix=${PYSHIM_TEST_MATRIX-1.7 2.1}
+builds=""
+if [ -n "$matrix" ]; then
+  # shellcheck disable=SC2086  # one word per series
+  builds=$(.venv/bin/python scripts/containerd_versions.py $matrix)  # lines: SERIES VERSION BINDIR
+fi
+
+result=5  # no test has run yet
+fold() {  # fold one pytest exit status into the result: the first failure wins, then "tests ran"
+  case $1 in
+    0) [ "$result" != 5 ] || result=0 ;;
+    5) ;;
+    *) { [ "$result" != 0 ] && [ "$result" != 5 ]; } || result=$1 ;;
+  esac
+}
+banner() { printf '\n==== %s ====\n' "$*"; }
+
+set +e
+banner "unit tests; end-to-end tests against $("${CONTAINERD_BIN:-containerd}" --version 2>/dev/null | cut -d' ' -f3)"
+.venv/bin/python -m pytest tests "$@"
+fold $?
+while read -r series version bindir; do
+  [ -n "$series" ] || continue
+  banner "end-to-end tests against containerd $version (Debian package, series $series)"
+  CONTAINERD_BIN="$bindir/containerd" CTR_BIN="$bindir/ctr" .venv/bin/python -m pytest tests --ignore=tests/unit "$@"
+  fold $?
+done <<<"$builds"
+exit "$result"

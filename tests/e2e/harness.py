@@ -83,7 +83,7 @@ class TestContainerd(PrivateContainerd):
     def new_id(self, hint="c"):
         """A container id unique in this session, readable in logs: `<hint>-<n>`."""
         self._ids += 1
-        return f"{re.sub(r'[^A-Za-z0-9]+', '-', hint).strip('-')[:40] or 'c'}-{self._ids}"
+        return f"{re.sub(r'[^A-Za-z0-9]+', '-', hint)[:40].strip('-') or 'c'}-{self._ids}"
 
     def new_namespace(self):
         """Another containerd namespace whose runc state and cgroups the leak check watches."""

@@ -68,3 +68,35 @@ def test_descendants_that_exit_in_time_are_not_killed():
     result = subreaper("--grace", "5", "--", "sh", "-c", "(sleep 0.3 &); exit 0")
     assert result.returncode == 0
     assert "killing" not in result.stderr
+
+
+def test_restartable_starts_the_command_again_on_sighup_and_keeps_its_descendants(tmp_path):
+    # each run of the command leaves a `sleep` behind and records its own pid, then waits
+    runs = tmp_path / "runs"
+    script = f"(setsid sleep 300 &); echo $$ >>{runs}; exec sleep 100"
+    proc = subprocess.Popen([*SUBREAPER, "--grace", "0.5", "--restartable", "--", "sh", "-c", script],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def command_pids(count):
+            deadline = time.monotonic() + 10
+            while not (runs.exists() and len(runs.read_text().split()) == count):
+                assert time.monotonic() < deadline, f"the command did not run {count} times"
+                time.sleep(0.02)
+            return [int(pid) for pid in runs.read_text().split()]
+
+        first = command_pids(1)[0]
+        psutil.Process(first).send_signal(signal.SIGKILL)  # not through the subreaper
+        time.sleep(0.5)
+        assert proc.poll() is None, "the subreaper ended with its command"
+        leftover = [p for p in psutil.Process(proc.pid).children() if p.cmdline() == ["sleep", "300"]]
+        assert len(leftover) == 1, "the first run's descendant was not kept"
+        proc.send_signal(signal.SIGHUP)
+        second = command_pids(2)[1]
+        assert second != first and psutil.Process(second).ppid() == proc.pid
+        proc.send_signal(signal.SIGTERM)  # forwarded: ends the command, then the subreaper
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        killed = [line for line in proc.stderr.read().splitlines() if "killing leftover" in line]
+        assert len(killed) == 2  # both runs' `sleep 300`
+    finally:
+        proc.kill()
+        proc.wait()
