@@ -12,6 +12,11 @@ output root. Imports between our .proto files use paths relative to protos/
 ``from shim.api import mount_pb2``. Well-known types (google/protobuf/*.proto) come
 from the include directory bundled with grpcio-tools.
 
+The tests' own clients are the exception: protos/tests/cri/x.proto becomes
+tests/cri/x_pb2.py, x_pb2.pyi and the gRPC stubs x_pb2_grpc.py. These are compiled with
+protos/tests as their root, so they import each other as ``from cri import x_pb2``, the
+way the tests import their packages (tests/ is on sys.path, as for ``e2e``).
+
 Needs grpcio-tools at the exact version pinned in pyproject.toml (the `dev` and
 `test` extras): the generated code is committed and tests/unit/test_protos_fresh.py
 checks that it equals a fresh run of this script, so run it after every .proto
@@ -29,6 +34,7 @@ PROTOS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PROTOS_DIR.parent
 
 API_INIT = '"""Generated protobuf modules (see protos/generate.py); do not edit."""\n'
+TESTS = "tests"  # protos/tests/...: test-side clients, generated into tests/ with gRPC stubs
 
 
 def proto_files() -> list[str]:
@@ -53,17 +59,26 @@ def generate(out: Path) -> list[Path]:
         sys.exit(f"protos/generate.py: no .proto files under {PROTOS_DIR}")
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "grpc_tools.protoc",
-        f"-I{PROTOS_DIR}",
-        f"-I{include}",
-        f"--python_out={out}",
-        f"--pyi_out={out}",
-        *protos,
-    ]
-    subprocess.run(cmd, check=True, cwd=PROTOS_DIR)
+    shim_protos = [p for p in protos if not p.startswith(TESTS + "/")]
+    test_protos = [p.removeprefix(TESTS + "/") for p in protos if p.startswith(TESTS + "/")]
+    for root, dest, files, extra in ((PROTOS_DIR, out, shim_protos, []),
+                                     (PROTOS_DIR / TESTS, out / TESTS, test_protos,
+                                      [f"--grpc_python_out={out / TESTS}"])):
+        if not files:
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{root}",
+            f"-I{include}",
+            f"--python_out={dest}",
+            f"--pyi_out={dest}",
+            *extra,
+            *files,
+        ]
+        subprocess.run(cmd, check=True, cwd=root)
 
     init = out / "shim" / "api" / "__init__.py"
     if not init.exists():
@@ -72,7 +87,8 @@ def generate(out: Path) -> list[Path]:
     written = []
     for rel in protos:
         stem = Path(rel).with_suffix("")
-        for suffix in ("_pb2.py", "_pb2.pyi"):
+        grpc = ("_pb2_grpc.py",) if rel.startswith(TESTS + "/") else ()
+        for suffix in ("_pb2.py", "_pb2.pyi", *grpc):
             written.append(out / stem.parent / (stem.name + suffix))
     return sorted(written)
 

@@ -13,6 +13,10 @@ standard library is used, and the archive is reproducible: the same busybox
 binary always gives the same digests.
 
     build_image.py OUT.tar [--busybox /bin/busybox] [--ref docker.io/pyshim/busybox:test]
+                   [--entrypoint /bin/sleep 100000]
+
+With `--entrypoint` the config runs that instead of `sh`: the tests' CRI pause image is this
+image with the entrypoint `/bin/sleep 100000` (a sandbox image only has to never exit).
 """
 import argparse
 import gzip
@@ -116,8 +120,9 @@ def _json(obj):
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def build_image(out_path, busybox=DEFAULT_BUSYBOX, ref=DEFAULT_REF):
-    """Write the OCI archive to out_path; return the manifest descriptor (dict)."""
+def build_image(out_path, busybox=DEFAULT_BUSYBOX, ref=DEFAULT_REF, entrypoint=None):
+    """Write the OCI archive to out_path; return the manifest descriptor (dict). `entrypoint`
+    (a list) replaces the default command `sh`."""
     arch = oci_arch()
     layer = layer_tar(busybox)
     layer_desc, layer_gz = _blob(gzip.compress(layer, mtime=0), MEDIA_LAYER)
@@ -125,7 +130,8 @@ def build_image(out_path, busybox=DEFAULT_BUSYBOX, ref=DEFAULT_REF):
         "architecture": arch,
         "os": "linux",
         "created": EPOCH,
-        "config": {"Env": [PATH_ENV], "Cmd": ["sh"], "WorkingDir": "/"},
+        "config": ({"Env": [PATH_ENV], "Cmd": ["sh"], "WorkingDir": "/"} if entrypoint is None else
+                   {"Env": [PATH_ENV], "Entrypoint": list(entrypoint), "WorkingDir": "/"}),
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
         "history": [{"created": EPOCH, "created_by": "pyshim scripts/build_image.py"}],
     }
@@ -157,8 +163,9 @@ def main(argv=None):
     parser.add_argument("out", help="path of the OCI archive to write")
     parser.add_argument("--busybox", default=DEFAULT_BUSYBOX, help="static busybox binary (default %(default)s)")
     parser.add_argument("--ref", default=DEFAULT_REF, help="image name stored in the archive (default %(default)s)")
+    parser.add_argument("--entrypoint", nargs="+", metavar="ARG", help="the image's entrypoint (default: cmd sh)")
     args = parser.parse_args(argv)
-    desc = build_image(args.out, args.busybox, args.ref)
+    desc = build_image(args.out, args.busybox, args.ref, args.entrypoint)
     print(f"{args.out}: {args.ref} {desc['digest']}")
     return 0
 

@@ -16,11 +16,13 @@ HINT = "run `python protos/generate.py` and commit the result"
 
 
 def _generated_files(root: Path) -> set[Path]:
-    """Generated modules (x_pb2.py, x_pb2.pyi) under root/shim, relative to root."""
+    """Generated modules (x_pb2.py, x_pb2.pyi, x_pb2_grpc.py) under root/shim and root/tests
+    (the tests' CRI client), relative to root."""
     return {
         p.relative_to(root)
-        for p in (root / "shim").rglob("*_pb2.py*")
-        if p.name.endswith(("_pb2.py", "_pb2.pyi"))
+        for top in ("shim", "tests")
+        for p in (root / top).rglob("*_pb2*.py*")
+        if p.name.endswith(("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"))
     }
 
 
