@@ -62,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"containerd-shim-pyshim-v1:\n  Runtime: {RUNTIME}\n  Version: {VERSION}\n"
               f"  Python: {sys.version.split()[0]}")
         return 0
+    if flags.get("info"):  # containerd 2.x: options Any on stdin, RuntimeInfo on stdout
+        from shim.info import runtime_info
+        try:
+            sys.stdout.buffer.write(runtime_info(_read_stdin(), RUNTIME, VERSION))
+        except ValueError as e:
+            print(f"info: {e}", file=sys.stderr)
+            return 1
+        sys.stdout.flush()
+        return 0
     action = args[0] if args else ""
     namespace = str(flags.get("namespace", ""))
     cid = str(flags.get("id", ""))

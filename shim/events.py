@@ -3,7 +3,11 @@
 One queue and one forwarding thread: an event is queued by the code path that makes it
 true (Create before it replies, the exit handler after the process is gone), so the
 order of the queue is the order containerd requires (create < start < exit < delete).
-A failed Forward is retried in place, never behind later events.
+A failed Forward is retried in place, never behind later events. While containerd is
+unreachable (down or restarting) an event is retried until it is RETRY_WINDOW old, as
+long as runc-v2's publisher keeps trying (1+2+…+5 s), so that an exit that happens
+during a containerd restart still reaches its subscribers; an error containerd itself
+returns is retried ATTEMPTS times.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import time
 
 from google.protobuf.message import Message
 
-from shim.ttrpc import Client, TTRPCError
+from shim.ttrpc import Client, Code, TTRPCError
 
 log = logging.getLogger("shim.events")
 
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 FORWARD_TIMEOUT = 5.0
 ATTEMPTS = 5
+RETRY_WINDOW = 15.0  # seconds after publication an event is retried while containerd is away
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 
 
@@ -69,7 +74,9 @@ class Publisher:
             timestamp=timestamp_of(when), namespace=self._namespace, topic=topic,
             event=Any(type_url=event.DESCRIPTOR.full_name, value=event.SerializeToString()),
         ))
-        for attempt in range(1, ATTEMPTS + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 if self._client is None:
                     self._client = Client(self._address)
@@ -78,11 +85,13 @@ class Publisher:
                                   metadata={NAMESPACE_KEY: self._namespace})
                 return
             except (OSError, TTRPCError) as e:
-                log.warning("forwarding %s failed (attempt %d of %d): %s",
-                            topic, attempt, ATTEMPTS, e)
+                # OSError (ConnectionClosedError too): containerd is away; a timeout: busy
+                away = isinstance(e, OSError) or getattr(e, "code", None) == Code.DEADLINE_EXCEEDED
+                log.warning("forwarding %s failed (attempt %d): %s", topic, attempt, e)
                 if self._client is not None:
                     self._client.close()
                     self._client = None
-                if attempt < ATTEMPTS:
-                    time.sleep(min(attempt, 2) * 0.5)
-        log.error("dropped event %s after %d attempts", topic, ATTEMPTS)
+            if (time.time() - when >= RETRY_WINDOW) if away else attempt >= ATTEMPTS:
+                log.error("dropped event %s after %d attempts", topic, attempt)
+                return
+            time.sleep(min(attempt * 0.25, 1.0))
