@@ -103,12 +103,18 @@ class Container:
         self.execs: dict[str, Process] = {}
         self.rootfs_mounted = False
         self.cgroup: Cgroup | None = None
-        # An init exit waits here while execs are still running, so that the init's
-        # /tasks/exit is the container's last one.
+        # An init exit waits here while execs are still running or starting, so that the
+        # init's /tasks/exit is the container's last one (guarded by init.lock).
         self.pending_init_exit: tuple[int, float] | None = None
+        # Execs inside Start(exec), whose pid is not known yet (guarded by init.lock).
+        self.starting_execs = 0
 
     def running_execs(self) -> list[Process]:
         return [p for p in self.execs.values() if p.pid and not p.exited.is_set()]
+
+    def busy(self) -> bool:
+        """Whether an exec is running or being started: the init's exit must wait."""
+        return self.starting_execs > 0 or bool(self.running_execs())
 
 
 class TaskService:
@@ -212,16 +218,22 @@ class TaskService:
                         c.runc.kill(c.id, signal.SIGKILL, all=True)
                     except RuncError:
                         pass
-                if c.running_execs():
+                if c.busy():
                     c.pending_init_exit = (code, when)
                     return
             self._mark_exited(p, code, when)
-        if p is not c.init and c.pending_init_exit and not c.running_execs():
-            assert c.init is not None
+        if p is not c.init:
+            self._finish_pending_init(c)
+
+    def _finish_pending_init(self, c: Container) -> None:
+        """Publish the init exit held back by _handle_exit once no exec runs or starts."""
+        assert c.init is not None
+        with c.init.lock:
+            if c.pending_init_exit is None or c.busy():
+                return
             code, when = c.pending_init_exit
             c.pending_init_exit = None
-            with c.init.lock:
-                self._mark_exited(c.init, code, when)
+            self._mark_exited(c.init, code, when)
 
     def _mark_exited(self, p: Process, code: int, when: float) -> None:
         if p.io is not None and not p.io.wait_drained(DRAIN_TIMEOUT):
@@ -310,6 +322,10 @@ class TaskService:
                 c.cgroup = Cgroup.for_pid(init.pid)
             except (OSError, ValueError) as e:
                 log.warning("container %s: cannot find its cgroup: %s", cid, e)
+            else:
+                # Watched from Create, not from Start: a process that runs out of memory at
+                # once would do so before Start had registered the watch, and go unreported.
+                self._watch_oom(c)
         if early is not None:
             self._handle_exit(init, *early)
         log.info("created container %s (pid %d)", cid, init.pid)
@@ -324,13 +340,13 @@ class TaskService:
                 early = None
                 if p.checkpoint:
                     early = self._restore(p)
+                    self._watch_oom(c)  # restored: its cgroup exists only now
                 else:
                     try:
                         c.runc.start(c.id)
                     except RuncError as e:
                         raise TTRPCError(Code.UNKNOWN, f"OCI runtime start failed: {e}") from None
                 p.life.apply("start")
-                self._watch_oom(c)
                 self.publisher.publish("/tasks/start", ev.TaskStart(container_id=c.id, pid=p.pid))
                 if early is not None:
                     self._handle_exit(p, *early)
@@ -394,12 +410,18 @@ class TaskService:
                                   file_locks=opts.file_locks, cgroups_mode=opts.cgroups_mode,
                                   empty_ns=list(opts.empty_namespaces))
             except RuncError as e:
-                # Keep criu's log where an operator looks, then report.
+                # Keep criu's log where an operator looks, then report. runc's message
+                # names the log in the work directory, which is about to go: name the copy.
+                text = str(e)
                 dump_log = os.path.join(work, "dump.log")
+                kept = os.path.join(c.bundle, "criu-dump.log")
                 if os.path.exists(dump_log):
-                    shutil.copyfile(dump_log, os.path.join(c.bundle, "criu-dump.log"))
-                raise TTRPCError(Code.UNKNOWN, f"checkpoint container {c.id} failed: {e} "
-                                 f"(criu log: {c.bundle}/criu-dump.log)") from None
+                    shutil.copyfile(dump_log, kept)
+                    text = text.replace(dump_log, kept)
+                    if kept not in text:
+                        text += f" (criu log: {kept})"
+                raise TTRPCError(Code.UNKNOWN,
+                                 f"checkpoint container {c.id} failed: {text}") from None
             finally:
                 if not opts.work_path:
                     shutil.rmtree(work, ignore_errors=True)
@@ -408,12 +430,18 @@ class TaskService:
     def _start_exec(self, p: Process) -> None:
         c = p.container
         assert c.init is not None
-        if c.init.exited.is_set() or c.init.state is not State.RUNNING:
-            raise TTRPCError(Code.FAILED_PRECONDITION,
-                             f"container {c.id} init process is not running")
+        with c.init.lock:
+            # Once init is reaped (even while its exit waits for running execs) no exec
+            # may start; one that is starting holds the init's exit back until it is done.
+            if c.init.exited.is_set() or c.pending_init_exit is not None or \
+                    c.init.state is not State.RUNNING:
+                raise TTRPCError(Code.FAILED_PRECONDITION,
+                                 f"container {c.id} init process is not running")
+            c.starting_execs += 1
         pid_file = os.path.join(c.bundle, f"{p.exec_id}.pid")
-        fd, spec_path = tempfile.mkstemp(prefix="runc-process")
+        spec_path = ""
         try:
+            fd, spec_path = tempfile.mkstemp(prefix="runc-process")
             with os.fdopen(fd, "wb") as f:
                 f.write(p.spec)
             p.io = self._open_io(p, c.runc.config)
@@ -431,7 +459,11 @@ class TaskService:
                 p.io = None
             raise TTRPCError(Code.UNKNOWN, f"OCI runtime exec failed: {e}") from None
         finally:
-            os.unlink(spec_path)
+            if spec_path:
+                os.unlink(spec_path)
+            with c.init.lock:
+                c.starting_execs -= 1  # running now (p.pid is set), or failed
+            self._finish_pending_init(c)
         if early is not None:
             self._handle_exit(p, *early)
 
@@ -553,6 +585,12 @@ class TaskService:
 
     def Pids(self, req: pb.PidsRequest, ctx: Context) -> pb.PidsResponse:
         c = self._container(req.id)
+        if c.init is not None and c.init.exited.is_set():
+            # runc lists no process for a stopped container, but containerd 1.7+ tears down
+            # a reloaded task whose Pids is empty (taking it for a shim that never created
+            # one): a container that exited while containerd was away would lose its exit
+            # status. Its init stays listed until Delete.
+            return pb.PidsResponse(processes=[ProcessInfo(pid=c.init.pid)])
         try:
             pids = c.runc.ps(c.id)
         except RuncError as e:
@@ -612,7 +650,9 @@ class TaskService:
 
     def ResizePty(self, req: pb.ResizePtyRequest, ctx: Context) -> Empty:
         p = self._process(req.id, req.exec_id)
-        if p.exited.is_set():
+        # Only a stopped exec refuses (as runc-v2's does): `ctr run -t` sends its first
+        # resize after Start, and an init that exited by then must not make it print an error.
+        if p.exited.is_set() and p.exec_id:
             raise TTRPCError(Code.FAILED_PRECONDITION, f"cannot resize {p.name}: it is stopped")
         if p.io is not None:
             try:

@@ -38,6 +38,7 @@ log = logging.getLogger("shim.stdio")
 CHUNK = 1 << 16
 LOGGER_STOP_TIMEOUT = 12.0
 EOT = b"\x04"  # what a terminal reads as end of input
+QUIET_MS = 100  # a terminal whose process exited is copied until it is this long quiet
 
 
 def _close(fd: int | None) -> None:
@@ -48,15 +49,25 @@ def _close(fd: int | None) -> None:
             pass
 
 
-def _copy(src: int, dst: int, stop_fd: int) -> None:
-    """Move bytes from src to dst until EOF on src or until stop_fd becomes readable."""
+def _copy(src: int, dst: int, stop_fd: int, quiet_fd: int | None = None) -> None:
+    """Move bytes from src to dst until EOF on src or until stop_fd becomes readable; once
+    quiet_fd is readable too, also as soon as src has had nothing to read for QUIET_MS."""
     use_splice = True
     poller = select.poll()
     poller.register(src, select.POLLIN)
     poller.register(stop_fd, select.POLLIN)
+    if quiet_fd is not None:
+        poller.register(quiet_fd, select.POLLIN)
+    timeout = None
     while True:
-        if any(fd == stop_fd for fd, _ in poller.poll()):
+        ready = [fd for fd, _ in poller.poll(timeout)]
+        if stop_fd in ready or not ready:  # nothing ready: quiet for QUIET_MS
             return
+        if quiet_fd in ready:
+            poller.unregister(quiet_fd)
+            timeout = QUIET_MS
+            if src not in ready:
+                continue
         try:
             if use_splice:
                 if os.splice(src, dst, CHUNK) == 0:
@@ -121,6 +132,7 @@ class ProcessIO:
         self._console_listener: socket.socket | None = None
         self._logger: object | None = None  # reaper Child of a binary:// logger
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._exited: int | None = None  # eventfd: the terminal's process exited
         self._closing = False
         self.console_socket: str | None = None
         self._pending: list[int] = []  # fds not yet owned by a loop; closed on failure
@@ -177,14 +189,18 @@ class ProcessIO:
     def _open_stdin_fifo(self, path: str) -> None:
         # Reader first (never blocks), then our own writer, which can only succeed now
         # that a reader exists: no race with a client that closes its end early.
-        self._stdin_src = self._own(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+        # Not in `_pending`: `_stdin_src` is its one owner until a copy loop takes it.
+        self._stdin_src = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         self._stdin_keepalive = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(self._stdin_src, True)
 
     def _stdin_pipe(self) -> int:
         r, w = self._pipe()
         assert self._stdin_src is not None
-        self._start(f"{self.label} stdin", self._pump_stdin, self._stdin_src, w, False)
+        # The loop owns (and closes) the FIFO now: `close` must not close it again, as
+        # by then its number may belong to another process's stdio.
+        src, self._stdin_src = self._stdin_src, None
+        self._start(f"{self.label} stdin", self._pump_stdin, src, w, False)
         return self._for_runc(r)
 
     def _open_destination(self, uri: str) -> tuple[int | None, int, str]:
@@ -214,10 +230,12 @@ class ProcessIO:
         self._start_output(r, writer, keepalive, path)
         return self._for_runc(w)
 
-    def _start_output(self, src: int, writer: int | None, keepalive: int, path: str) -> None:
+    def _start_output(self, src: int, writer: int | None, keepalive: int, path: str,
+                      quiet_fd: int | None = None) -> None:
         done = threading.Event()
         self._drained.append(done)
-        self._start(f"{self.label} output", self._pump_output, src, writer, keepalive, path, done)
+        self._start(f"{self.label} output", self._pump_output, src, writer, keepalive, path, done,
+                    quiet_fd)
 
     def _start(self, name: str, target: Callable[..., None], *args: object) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -295,12 +313,12 @@ class ProcessIO:
     # -- copy loops -----------------------------------------------------------------------
 
     def _pump_output(self, src: int, dst: int | None, keepalive: int, path: str,
-                     done: threading.Event) -> None:
+                     done: threading.Event, quiet_fd: int | None) -> None:
         try:
             if dst is None:
                 # Nobody read the FIFO at set-up: wait for a reader (blocking open).
                 dst = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            _copy(src, dst, self._stop_r)
+            _copy(src, dst, self._stop_r, quiet_fd)
         except OSError as e:
             log.warning("%s: copying output to %s failed: %s", self.label, path, e)
             _drain(src, self._stop_r)
@@ -337,7 +355,11 @@ class ProcessIO:
                 self._close_console_socket()
             if self._outputs:
                 writer, keepalive, path = self._outputs.pop()
-                self._start_output(os.dup(self._console), writer, keepalive, path)
+                # A terminal ends (EIO) only once every process holding it is gone, and a
+                # child the process left behind may hold it for ever: after the exit
+                # (`wait_drained`), the copy ends as soon as the terminal falls quiet.
+                self._exited = os.eventfd(0, os.EFD_CLOEXEC)
+                self._start_output(os.dup(self._console), writer, keepalive, path, self._exited)
             if self._stdin_src is not None:
                 src, self._stdin_src = self._stdin_src, None
                 self._start(f"{self.label} stdin", self._pump_stdin, src,
@@ -357,7 +379,11 @@ class ProcessIO:
             self._stdin_keepalive = None
 
     def wait_drained(self, timeout: float) -> bool:
-        """Wait (bounded) until the container's output reached EOF and was copied."""
+        """Once the process has exited: wait (bounded) until its output was copied, to
+        EOF of its pipes, or for a terminal until it fell quiet."""
+        with self._lock:
+            if self._exited is not None:
+                os.eventfd_write(self._exited, 1)
         deadline = time.monotonic() + timeout
         return all(done.wait(max(0.0, deadline - time.monotonic())) for done in self._drained)
 
@@ -390,6 +416,9 @@ class ProcessIO:
             return
         _close(self._stop_r)
         _close(self._stop_w)
+        with self._lock:
+            _close(self._exited)
+            self._exited = None
 
     def started_without_console(self) -> None:
         """Drop runc's ends and the console socket without waiting for a console."""
