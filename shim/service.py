@@ -22,7 +22,6 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 

@@ -22,6 +22,8 @@ from shim.cgroups import (
     parse_proc_cgroup,
 )
 
+from live_cgroups import live_v1, rmdir_retry, v1_mount_points
+
 DATA = Path(__file__).parent / "data" / "cgroups"
 SIZES = ("2MB", "1GB")
 
@@ -366,42 +368,12 @@ def test_v2_gone_cgroup_raises_file_not_found(tmp_path):
 # -- live, on this machine's cgroup v1 ------------------------------------------------------
 
 
-def v1_mount_points() -> dict[str, str]:
-    text = Path("/proc/self/mountinfo").read_text()
-    mounts = parse_mountinfo(text)
-    if is_unified(mounts):
-        return {}
-    out = {}
-    for m in mounts:
-        if m.fstype == "cgroup" and m.root == "/":
-            for opt in m.options:
-                out.setdefault(opt, m.mount_point)
-    return out
 
 
-def live_v1_skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create cgroups"
-    if "memory" not in v1_mount_points():
-        return "needs a cgroup v1 memory controller (this host is not cgroup v1)"
-    return None
 
 
-live_v1 = pytest.mark.skipif(live_v1_skip_reason() is not None,
-                             reason=live_v1_skip_reason() or "")
 
 
-def rmdir_retry(path: str) -> None:
-    # rmdir says EBUSY for a moment after the last task left.
-    for _ in range(50):
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.05)
-    os.rmdir(path)
 
 
 def wait_for_comm(pid: int, comm: str) -> None:

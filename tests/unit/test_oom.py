@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from shim.cgroups import Cgroup, is_unified, parse_mountinfo
+from shim.cgroups import Cgroup
 from shim.oom import OOMWatcher, read_oom_kills
+
+from live_cgroups import live_v1, rmdir_retry, v1_mount_points
 
 
 def open_fds() -> set[str]:
@@ -270,43 +272,17 @@ def test_add_errors_leave_nothing_open(tmp_path):
 # -- v1: a real memory cgroup on this machine -------------------------------------------
 
 
-def memory_mount() -> str | None:
-    mounts = parse_mountinfo(Path("/proc/self/mountinfo").read_text())
-    if is_unified(mounts):
-        return None
-    for m in mounts:
-        if m.fstype == "cgroup" and "memory" in m.options and m.root == "/":
-            return m.mount_point
-    return None
 
 
-def live_skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create a memory cgroup"
-    if memory_mount() is None:
-        return "needs a cgroup v1 memory controller (this host is not cgroup v1)"
-    return None
 
 
-live_v1 = pytest.mark.skipif(live_skip_reason() is not None, reason=live_skip_reason() or "")
 
 
-def rmdir_retry(path: str) -> None:
-    # rmdir says EBUSY for a moment after the last task left.
-    for _ in range(50):
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.05)
-    os.rmdir(path)
 
 
 @pytest.fixture
 def memory_cgroup():
-    path = os.path.join(memory_mount(), f"pyshim-test-oom-{os.getpid()}")
+    path = os.path.join(v1_mount_points()["memory"], f"pyshim-test-oom-{os.getpid()}")
     os.mkdir(path)
     try:
         yield path
