@@ -10,9 +10,16 @@ shim that already serves it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import socket
+
+# `start` runs for every container and only needs raw sockets: the `socket` module's
+# wrappers (enum, selectors) and OpenSSL's hashlib would double its import time.
+import _socket
+
+try:
+    from _sha256 import sha256
+except ImportError:  # Python 3.12+: _sha2
+    from hashlib import sha256
 
 SOCKET_DIR = "/run/containerd/s"
 GROUP_ANNOTATIONS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
@@ -41,14 +48,14 @@ def group_id(bundle: str, cid: str) -> str:
 
 def socket_path(containerd_address: str, namespace: str, group: str,
                 socket_dir: str = SOCKET_DIR) -> str:
-    digest = hashlib.sha256(os.path.join(containerd_address, namespace, group).encode())
+    digest = sha256(os.path.join(containerd_address, namespace, group).encode())
     return os.path.join(socket_dir, digest.hexdigest())
 
 
-def listen(path: str) -> socket.socket | None:
+def listen(path: str) -> _socket.socket | None:
     """Listen on `path`; None when a live shim already listens there."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         try:
             sock.bind(path)
@@ -68,8 +75,8 @@ def listen(path: str) -> socket.socket | None:
     return sock
 
 
-def is_live(path: str, kind: int = socket.SOCK_STREAM) -> bool:
-    probe = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+def is_live(path: str, kind: int = _socket.SOCK_STREAM) -> bool:
+    probe = _socket.socket(_socket.AF_UNIX, kind | _socket.SOCK_CLOEXEC)
     probe.settimeout(1.0)
     try:
         probe.connect(path)

@@ -122,7 +122,7 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     if not zygote.handoff(containerd_address, listener, request):
         if os.fork() == 0:
             from shim import daemon
-            daemon.run(listener, debug, namespace, cid, bundle, stdin, containerd_pid)
+            daemon.run(listener.fileno(), debug, namespace, cid, bundle, stdin, containerd_pid)
         zygote.spawn(containerd_address)  # for the next start
     listener.close()
     _print(addr)

@@ -35,13 +35,15 @@ def detach(debug: bool, namespace: str, cid: str) -> None:
         os.close(fd)
 
 
-def run(listener, debug: bool, namespace: str, cid: str, bundle: str, start_stdin: bytes,
-        containerd_pid: int) -> None:
+def run(listener_fd: int, debug: bool, namespace: str, cid: str, bundle: str,
+        start_stdin: bytes, containerd_pid: int) -> None:
     """The daemon's whole life, in a freshly forked process (from `start` or the
-    zygote); never returns."""
+    zygote), serving on the listening socket `listener_fd`; never returns."""
+    import socket
     try:
         detach(debug, namespace, cid)
-        serve(listener, namespace, cid, bundle, os.environ.get("TTRPC_ADDRESS", ""),
+        serve(socket.socket(fileno=listener_fd), namespace, cid, bundle,
+              os.environ.get("TTRPC_ADDRESS", ""),
               start_stdin=start_stdin, containerd_pid=containerd_pid)
     except BaseException:
         log.exception("shim daemon for %s failed", cid)

@@ -7,7 +7,6 @@ mount(2) flags, everything else is passed on as the filesystem's data string.
 from __future__ import annotations
 
 import os
-from collections import namedtuple
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -61,8 +60,14 @@ def _errno() -> int:
     return ctypes.get_errno()
 
 
-# target: a sub-path inside the rootfs (containerd 2.x); "" is the rootfs itself.
-Mount = namedtuple("Mount", ["type", "source", "options", "target"], defaults=[""])
+class Mount:
+    """One mount of a Create request. `target` is a sub-path inside the rootfs
+    (containerd 2.x); "" is the rootfs itself."""
+
+    __slots__ = ("type", "source", "options", "target")
+
+    def __init__(self, type: str, source: str, options: list[str], target: str = "") -> None:
+        self.type, self.source, self.options, self.target = type, source, options, target
 
 
 def parse_options(options: list[str]) -> tuple[int, str]:

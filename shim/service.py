@@ -22,6 +22,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -698,7 +699,29 @@ class TaskService:
             "Connect": pb.ConnectRequest, "Shutdown": pb.ShutdownRequest,
             "Checkpoint": pb.CheckpointTaskRequest, "Stats": pb.StatsRequest,
         }
-        return {name: (req_type, getattr(self, name)) for name, req_type in table.items()}
+        return {name: (req_type, _traced(name, getattr(self, name)))
+                for name, req_type in table.items()}
+
+
+def _traced(name: str, handler: Callable) -> Callable:
+    """Log a call's failure with the operation and the process it concerns, and, at
+    debug level (`-debug`), every call with its duration."""
+    def call(req, ctx: Context):
+        start = time.monotonic()
+        target = getattr(req, "id", "")
+        if getattr(req, "exec_id", ""):
+            target += f" exec {req.exec_id}"
+        try:
+            return handler(req, ctx)
+        except TTRPCError as e:
+            # NotFound is routine: containerd kills and deletes what may be gone already.
+            level = logging.DEBUG if e.code == Code.NOT_FOUND else logging.WARNING
+            log.log(level, "%s %s failed: %s (%s)", name, target, e.message, e.code.name)
+            raise
+        finally:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s %s: %.1f ms", name, target, (time.monotonic() - start) * 1e3)
+    return call
 
 
 # -- helpers ------------------------------------------------------------------------------

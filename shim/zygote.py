@@ -20,8 +20,9 @@ Only a peer with the zygote's own uid is served; the socket is an owner-only fil
 from __future__ import annotations
 
 import os
-import socket
 import sys
+
+import _socket  # the raw module: `start` must not pay for the socket module's import
 
 ZYGOTE_DIR = "/run/pyshim"
 IDLE_SECONDS = 5.0
@@ -36,22 +37,24 @@ def _source_dir() -> str:
 def socket_path(containerd_address: str) -> str:
     """One zygote per containerd, interpreter and installation (and mount namespace:
     the socket lives in /run, as containerd's own shim sockets do)."""
-    import hashlib
+    from shim.address import sha256
     key = f"{containerd_address}\0{sys.executable}\0{_source_dir()}\0{os.getuid()}".encode()
-    return os.path.join(ZYGOTE_DIR, f"zygote-{hashlib.sha256(key).hexdigest()[:16]}.sock")
+    return os.path.join(ZYGOTE_DIR, f"zygote-{sha256(key).hexdigest()[:16]}.sock")
 
 
-def handoff(containerd_address: str, listener: socket.socket, request: tuple) -> bool:
+def handoff(containerd_address: str, listener: _socket.socket, request: tuple) -> bool:
     """Ask a running zygote to fork the daemon for `request`; False when none did."""
     import marshal
     if os.environ.get(DISABLE_ENV):
         return False
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         conn.settimeout(1.0)
         try:
             conn.connect(socket_path(containerd_address))
-            socket.send_fds(conn, [marshal.dumps(request)], [listener.fileno()])
+            fd = listener.fileno().to_bytes(4, sys.byteorder, signed=True)  # a C int
+            conn.sendmsg([marshal.dumps(request)],
+                         [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd)])
         except OSError:
             return False  # no zygote, or one on its way out: nothing was handed over
         # Once handed over, only a refusal means nobody serves: the zygote answers as
@@ -116,6 +119,7 @@ def serve(containerd_address: str) -> None:
     import marshal
     import select
     import signal
+    import socket
     import time
 
     # Everything a daemon imports, imported once here.
@@ -188,8 +192,9 @@ def serve(containerd_address: str) -> None:
         sock.close()
 
 
-def _fork_daemon(sock: socket.socket, marshal, own_fds: tuple[int, ...]) -> int:
+def _fork_daemon(sock, marshal, own_fds: tuple[int, ...]) -> int:
     """Accept one request and fork its daemon; returns the daemon's pid (0 if none)."""
+    import socket
     import struct
     conn, _ = sock.accept()
     fds: list[int] = []
@@ -235,6 +240,9 @@ def _cgroup_dirs(peer: int) -> list[str]:
     as runc-v2's shim would be; empty when they are the zygote's own."""
     from shim.cgroups import Cgroup
     try:
+        with open(f"/proc/{peer}/cgroup") as f, open("/proc/self/cgroup") as g:
+            if f.read() == g.read():
+                return []  # the usual case, without parsing the cgroup mounts
         theirs, ours = Cgroup.for_pid(peer), Cgroup.for_pid(os.getpid())
     except (OSError, ValueError):
         return []
@@ -261,5 +269,4 @@ def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str]) -> None
                 f.write(str(os.getpid()))
         except OSError:
             pass  # stays in the zygote's cgroup
-    listener = socket.socket(fileno=listener_fd)
-    daemon.run(listener, debug, namespace, cid, cwd, start_stdin, containerd_pid)
+    daemon.run(listener_fd, debug, namespace, cid, cwd, start_stdin, containerd_pid)

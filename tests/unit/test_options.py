@@ -49,3 +49,20 @@ def test_any_on_stdin():
     o = RuncOptions(binary_name="crun")
     data = Any(type_url="containerd.runc.v1.Options", value=o.SerializeToString())
     assert options.decode_any_bytes(data.SerializeToString(), "t").runc.binary == "crun"
+
+
+def test_runc_config_round_trips_through_the_bundle(tmp_path):
+    config = RuncConfig(binary="crun", root="/run/x y", systemd_cgroup=True, io_uid=1000)
+    config.save(str(tmp_path))
+    assert RuncConfig.load(str(tmp_path)) == config
+    assert RuncConfig.load(str(tmp_path / "missing")) == RuncConfig()
+
+
+def test_runc_config_is_checked_and_immutable():
+    import pytest
+    with pytest.raises(TypeError):
+        RuncConfig(binray="crun")
+    with pytest.raises(TypeError):
+        RuncConfig(systemd_cgroup="yes")
+    with pytest.raises(AttributeError):
+        RuncConfig().binary = "crun"
