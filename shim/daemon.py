@@ -87,10 +87,10 @@ def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *
     for name in TASK_SERVICES:
         server.register(name, service.methods())
     threading.Thread(target=server.serve, args=(listener,), name="ttrpc", daemon=True).start()
-    log.info("serving on %s", listener.getsockname())
+    log.debug("serving on %s", listener.getsockname())
     service.reaper.run(stopping.is_set)
 
-    log.info("shutting down")
+    log.debug("shutting down")
     try:
         os.unlink(listener.getsockname())
     except OSError:

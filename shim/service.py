@@ -328,7 +328,7 @@ class TaskService:
                 self._watch_oom(c)
         if early is not None:
             self._handle_exit(init, *early)
-        log.info("created container %s (pid %d)", cid, init.pid)
+        log.debug("created container %s (pid %d)", cid, init.pid)
         return c
 
     def Start(self, req: pb.StartRequest, ctx: Context) -> pb.StartResponse:
@@ -516,7 +516,7 @@ class TaskService:
             self.publisher.publish("/tasks/delete", ev.TaskDelete(
                 container_id=c.id, pid=p.pid, exit_status=p.exit_status,
                 exited_at=timestamp_of(p.exited_at)))
-            log.info("deleted container %s", c.id)
+            log.debug("deleted container %s", c.id)
         else:
             c.execs.pop(p.exec_id, None)
         return pb.DeleteResponse(pid=p.pid, exit_status=p.exit_status,
