@@ -147,6 +147,7 @@ def serve(containerd_address: str) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     gc.collect()
+    _fill_free_blocks()
     gc.freeze()
 
     children: set[int] = set()
@@ -190,6 +191,41 @@ def serve(containerd_address: str) -> None:
         except OSError:
             pass
         sock.close()
+
+
+_fillers: list[object] = []
+
+
+def _fill_free_blocks() -> None:
+    """Use up the free blocks of the object allocator's partly used pools.
+
+    A forked daemon's first allocation into such a pool copies the whole page it
+    shares with the zygote, to use one free slot; a daemon touches many size classes,
+    so this cost several hundred KiB per daemon. With the pools full, a daemon's new
+    objects go to pages of its own, densely. The free counts come from CPython's
+    allocator statistics; anything unexpected there just skips the filling.
+    """
+    import re
+    r, w = os.pipe()
+    saved = os.dup(2)
+    try:
+        os.dup2(w, 2)  # _debugmallocstats writes to the C stderr
+        sys._debugmallocstats()
+    except (AttributeError, OSError):
+        return
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        stats = f.read().decode(errors="replace")
+    # "class   size   num pools   blocks in use  avail blocks" rows
+    for size, avail in re.findall(r"^\s*\d+\s+(\d+)\s+\d+\s+\d+\s+(\d+)\s*$", stats, re.M):
+        length = int(size) - 33  # a bytes object of this length fills one block exactly
+        if length > 0:
+            _fillers.extend(bytes(length) for _ in range(int(avail)))
+        elif size == "32":  # floats (24 bytes) live in the 32-byte class
+            _fillers.extend(float(i) + 0.5 for i in range(int(avail)))
 
 
 def _fork_daemon(sock, marshal, own_fds: tuple[int, ...]) -> int:
