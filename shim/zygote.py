@@ -141,6 +141,7 @@ def serve(containerd_address: str) -> None:
         sock.bind(path)
     os.chmod(path, 0o600)
     sock.listen(16)
+    _remove_dead_sockets(path)
     stamp = _code_stamp()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -191,6 +192,20 @@ def serve(containerd_address: str) -> None:
         except OSError:
             pass
         sock.close()
+
+
+def _remove_dead_sockets(own: str) -> None:
+    """Sockets of zygotes that were killed (nothing else could remove them)."""
+    import socket
+
+    from shim.address import is_live
+    for name in os.listdir(ZYGOTE_DIR):
+        path = os.path.join(ZYGOTE_DIR, name)
+        if path != own and name.startswith("zygote-") and not is_live(path, socket.SOCK_SEQPACKET):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 _fillers: list[object] = []

@@ -1,10 +1,13 @@
 """The zygote (shim/zygote.py): shims forked from a warmed interpreter, never dependent on it."""
+import os
+import socket
 import time
 
 import psutil
 import pytest
 
 from shim import zygote
+from shim.address import is_live
 
 
 def zygotes(containerd):
@@ -69,11 +72,35 @@ def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
         z.kill()
         z.wait(5)
     assert shim.is_running()
+    killed_socket = zygote.socket_path(containerd.address)
+    assert os.path.exists(killed_socket)  # a SIGKILLed zygote cannot remove it
     # The orphaned shim still serves its container: exec, then a clean stop.
     result = ctr("task", "exec", "--exec-id", "after", cid, "sh", "-c", "echo alive; exit 3")
     assert (result.rc, result.stdout) == (3, "alive\n")
     remove(ctr, cid)
     assert run("echo", "next").stdout == "next\n"  # and new containers still start
+    # ...and the next zygote takes over the address (the dead socket is replaced).
+    deadline = time.monotonic() + 10
+    while not zygotes(containerd) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [z] = zygotes(containerd)
+    assert is_live(killed_socket, socket.SOCK_SEQPACKET)
+
+
+def test_a_new_zygote_removes_dead_zygote_sockets(pyshim_only, containerd, run, tmp_path):
+    os.makedirs(zygote.ZYGOTE_DIR, exist_ok=True)
+    dead = os.path.join(zygote.ZYGOTE_DIR, "zygote-0000deadtest0000.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(dead)
+    s.close()  # a socket file nobody listens on, as a killed zygote leaves it
+    for z in zygotes(containerd):  # make the next start spawn a fresh zygote
+        z.kill()
+        z.wait(5)
+    assert run("true").rc == 0
+    deadline = time.monotonic() + 10
+    while os.path.exists(dead) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(dead)
 
 
 def test_an_idle_zygote_exits_on_its_own(pyshim_only, containerd, run):
