@@ -179,7 +179,7 @@ def serve(containerd_address: str) -> None:
                 return  # new code installed: let the next start spawn a fresh zygote
             if sock.fileno() in ready:
                 last_activity = time.monotonic()
-                pid = _fork_daemon(sock, marshal, (wake_r, wake_w))
+                pid = _fork_daemon(sock, marshal, (wake_r, wake_w), containerd_address)
                 if pid:
                     children.add(pid)
             elif not children and time.monotonic() - last_activity > IDLE_SECONDS:
@@ -243,7 +243,7 @@ def _fill_free_blocks() -> None:
             _fillers.extend(float(i) + 0.5 for i in range(int(avail)))
 
 
-def _fork_daemon(sock, marshal, own_fds: tuple[int, ...]) -> int:
+def _fork_daemon(sock, marshal, own_fds: tuple[int, ...], containerd_address: str) -> int:
     """Accept one request and fork its daemon; returns the daemon's pid (0 if none)."""
     import socket
     import struct
@@ -264,7 +264,7 @@ def _fork_daemon(sock, marshal, own_fds: tuple[int, ...]) -> int:
             conn.close()
             for fd in own_fds:
                 os.close(fd)
-            _become_daemon(fds[0], request, cgroups)  # never returns
+            _become_daemon(fds[0], request, cgroups, containerd_address)  # never returns
         conn.send(b"ok %d" % pid)
         return pid
     except (OSError, ValueError, EOFError, TypeError):
@@ -302,7 +302,8 @@ def _cgroup_dirs(peer: int) -> list[str]:
     return sorted({theirs.v2_path} if theirs.v2_path else set(theirs.v1_paths.values()))
 
 
-def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str]) -> None:
+def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str],
+                   containerd_address: str) -> None:
     import signal
 
     from shim import daemon
@@ -311,6 +312,8 @@ def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str]) -> None
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     cwd, environ, debug, namespace, cid, start_stdin, containerd_pid = request
+    _set_command_line(["containerd-shim-pyshim-v1", "-namespace", namespace,
+                       "-address", containerd_address, "-id", cid])
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environ)
@@ -321,3 +324,21 @@ def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str]) -> None
         except OSError:
             pass  # stays in the zygote's cgroup
     daemon.run(listener_fd, debug, namespace, cid, cwd, start_stdin, containerd_pid)
+
+
+def _set_command_line(argv: list[str]) -> None:
+    """Show `argv` as this process's command line (`ps`, /proc/PID/cmdline), so that a
+    daemon names its container like a runc-v2 shim does, not the zygote it was forked
+    from. It is written over the zygote's original argv (Python keeps its own copy), so
+    it is cut to that length."""
+    import ctypes
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2:].split()  # fields from the 3rd on
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end
+    except (OSError, ValueError, IndexError):
+        return
+    size = end - start
+    data = b"\0".join(a.encode() for a in argv)[:size - 1]
+    ctypes.memmove(start, data + b"\0" * (size - len(data)), size)
