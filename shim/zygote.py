@@ -13,7 +13,8 @@ Nothing depends on the zygote staying alive:
   * A daemon is an ordinary child of the zygote: when the zygote exits, its daemons
     are re-parented like any orphan and go on serving.
   * The zygote exits on its own once it has had no daemon and no request for
-    IDLE_SECONDS, and as soon as the installed code changes under it.
+    IDLE_SECONDS, as soon as the installed code changes under it, and when its
+    containerd no longer listens.
 Only a peer with the zygote's own uid is served; the socket is an owner-only file.
 """
 
@@ -128,13 +129,14 @@ def serve(containerd_address: str) -> None:
     import shim.service  # noqa: F401
     import shim.ttrpc  # noqa: F401
 
+    from shim.address import is_live
+
     path = socket_path(containerd_address)
     os.makedirs(ZYGOTE_DIR, mode=0o700, exist_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         sock.bind(path)
     except OSError:
-        from shim.address import is_live
         if is_live(path, socket.SOCK_SEQPACKET):
             return  # another zygote won the race
         os.unlink(path)
@@ -177,6 +179,8 @@ def serve(containerd_address: str) -> None:
                 last_activity = time.monotonic()
             if _code_stamp() != stamp:
                 return  # new code installed: let the next start spawn a fresh zygote
+            if not ready and not is_live(containerd_address):
+                return  # its containerd is gone (stopped, or restarting: a start respawns it)
             if sock.fileno() in ready:
                 last_activity = time.monotonic()
                 pid = _fork_daemon(sock, marshal, (wake_r, wake_w), containerd_address)

@@ -109,3 +109,19 @@ def test_an_idle_zygote_exits_on_its_own(pyshim_only, containerd, run):
     while zygotes(containerd) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not zygotes(containerd)
+
+
+def test_the_zygote_goes_with_its_containerd(pyshim_only, containerd, ctr, run, cid):
+    assert run("true").rc == 0
+    deadline = time.monotonic() + 10
+    while not zygotes(containerd) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [z] = zygotes(containerd)
+    start_sleeper(containerd, ctr, cid)
+    shim = shim_of(containerd, cid)
+    with containerd.killed():
+        z.wait(5)  # raises psutil.TimeoutExpired if the zygote stays
+        assert shim.is_running()  # its daemon does not depend on it
+    result = ctr("task", "exec", "--exec-id", "after", cid, "sh", "-c", "exit 4")
+    assert result.rc == 4
+    remove(ctr, cid)
