@@ -21,10 +21,6 @@ import pytest
 
 from e2e import harness
 
-LOG_OFFSET = pytest.StashKey[int]()
-CONTAINERD = pytest.StashKey[harness.TestContainerd]()
-
-
 def pytest_report_header(config):
     s = harness.settings()
     return f"e2e: runtime {s['runtime']}, containerd {s['containerd']}, ctr {s['ctr']}"
@@ -57,8 +53,7 @@ def image(containerd):
 
 @pytest.fixture
 def leak_check(request, containerd):
-    request.node.stash[CONTAINERD] = containerd
-    request.node.stash[LOG_OFFSET] = containerd.log_path.stat().st_size
+    harness.watch_log(request.node, containerd)
     yield
     containerd.check_leaks()
 
@@ -89,6 +84,6 @@ def run(request, containerd, ctr):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if report.failed and CONTAINERD in item.stash:
-        log = item.stash[CONTAINERD].log_tail(200, offset=item.stash[LOG_OFFSET])
-        report.sections.append(("containerd log (this test)", log or "(empty)"))
+    log = harness.log_section(item) if report.failed else None
+    if log is not None:
+        report.sections.append(("containerd log (this test)", log))

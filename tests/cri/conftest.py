@@ -19,10 +19,6 @@ from cri import client
 from cri.harness import CriContainerd
 from e2e import harness
 
-LOG_OFFSET = pytest.StashKey[int]()
-CRI_CONTAINERD = pytest.StashKey[CriContainerd]()
-
-
 @pytest.fixture(scope="session")
 def cri_containerd():
     s = harness.settings()
@@ -39,8 +35,7 @@ def cri_containerd():
 
 @pytest.fixture
 def cri(request, cri_containerd):
-    request.node.stash[CRI_CONTAINERD] = cri_containerd
-    request.node.stash[LOG_OFFSET] = cri_containerd.log_path.stat().st_size
+    harness.watch_log(request.node, cri_containerd)  # the root conftest reports its log
     yield cri_containerd.cri
     cri_containerd.check_leaks()
 
@@ -67,12 +62,3 @@ def pod(request, cri_containerd, cri):
                                          uid=f"{name}-{len(cri.sandbox_ids)}")
         return Pod(cri.run_pod_sandbox(config, cri_containerd.handler), config, log_directory)
     return run
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed and CRI_CONTAINERD in item.stash:
-        log = item.stash[CRI_CONTAINERD].log_tail(200, offset=item.stash[LOG_OFFSET])
-        report.sections.append(("containerd log (this test)", log or "(empty)"))

@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -33,6 +34,25 @@ from private_containerd import (RUNC_V2_ROOT, PrivateContainerd, mounts_under, n
                                 shim_binary_name, unmount_under)
 
 DEFAULT_RUNTIME = "io.containerd.pyshim.v1"
+# Which containerd a test uses, and where its log stood when the test began: the root
+# conftest adds that part of the log to the report of a failed test.
+TEST_CONTAINERD = pytest.StashKey["TestContainerd"]()
+LOG_OFFSET = pytest.StashKey[int]()
+
+
+def watch_log(node, containerd):
+    """Report `containerd`'s log lines from now on if test `node` fails."""
+    node.stash[TEST_CONTAINERD] = containerd
+    node.stash[LOG_OFFSET] = containerd.log_path.stat().st_size
+
+
+def log_section(item):
+    """The log lines of the containerd the test used, or None if it used none."""
+    if TEST_CONTAINERD not in item.stash:
+        return None
+    return item.stash[TEST_CONTAINERD].log_tail(200, offset=item.stash[LOG_OFFSET]) or "(empty)"
+
+
 SETTLE_SECONDS = 10.0  # how long processes and mounts may take to go away after a test
 
 
