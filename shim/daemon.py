@@ -11,12 +11,25 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 
 from shim import log as shimlog
 from shim.reaper import set_child_subreaper
 
 TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
+
+# Every module a daemon may import. Some are imported only where first needed, so that
+# `start` stays quick when it forks a daemon itself; the zygote imports them all up
+# front: an import in a forked daemon would build the module in memory of its own, and
+# walk the import machinery's shared pages too (0.4 MiB per daemon when these were
+# missing). A daemon warns at exit about any module the zygote did not have.
+MODULES = (
+    "shim.daemon", "shim.events", "shim.service", "shim.ttrpc", "shim.placement",
+    "shim.api.envelope_pb2", "shim.api.runc_options_pb2", "shim.api.runctypes_pb2",
+    "shim.api.runtimeoptions_pb2", "google.protobuf.any_pb2", "google.protobuf.empty_pb2",
+    "google.protobuf.timestamp_pb2", "ctypes", "fcntl", "json", "struct", "termios", "tomllib",
+)
 
 log = logging.getLogger("shim.daemon")
 
@@ -36,15 +49,16 @@ def detach(debug: bool, namespace: str, cid: str) -> None:
 
 
 def run(listener_fd: int, debug: bool, namespace: str, cid: str, bundle: str,
-        start_stdin: bytes, containerd_pid: int) -> None:
+        start_stdin: bytes, containerd_pid: int, preloaded: frozenset[str] = frozenset()) -> None:
     """The daemon's whole life, in a freshly forked process (from `start` or the
-    zygote), serving on the listening socket `listener_fd`; never returns."""
+    zygote, which passes the modules it had loaded), serving on the listening socket
+    `listener_fd`; never returns."""
     import socket
     try:
         detach(debug, namespace, cid)
         serve(socket.socket(fileno=listener_fd), namespace, cid, bundle,
               os.environ.get("TTRPC_ADDRESS", ""),
-              start_stdin=start_stdin, containerd_pid=containerd_pid)
+              start_stdin=start_stdin, containerd_pid=containerd_pid, preloaded=preloaded)
     except BaseException:
         log.exception("shim daemon for %s failed", cid)
     finally:
@@ -52,7 +66,8 @@ def run(listener_fd: int, debug: bool, namespace: str, cid: str, bundle: str,
 
 
 def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *,
-          start_stdin: bytes = b"", containerd_pid: int = 0) -> None:
+          start_stdin: bytes = b"", containerd_pid: int = 0,
+          preloaded: frozenset[str] = frozenset()) -> None:
     """Run the daemon until Shutdown with no containers left (or SIGTERM)."""
     from shim import options, placement
     from shim.events import Publisher
@@ -91,6 +106,9 @@ def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *
     service.reaper.run(stopping.is_set)
 
     log.debug("shutting down")
+    if preloaded and (late := sorted(set(sys.modules) - preloaded)):
+        log.warning("imported after the fork from the zygote (add to daemon.MODULES): %s",
+                    " ".join(late))
     try:
         os.unlink(listener.getsockname())
     except OSError:

@@ -117,19 +117,21 @@ def _code_stamp() -> float:
 
 def serve(containerd_address: str) -> None:
     import gc
+    import importlib
     import marshal
     import select
     import signal
     import socket
     import time
 
-    # Everything a daemon imports, imported once here.
-    import shim.daemon  # noqa: F401
-    import shim.events  # noqa: F401
-    import shim.service  # noqa: F401
-    import shim.ttrpc  # noqa: F401
-
+    from shim import daemon, prefork
     from shim.address import is_live
+
+    for name in daemon.MODULES:  # everything a daemon imports, imported once here
+        importlib.import_module(name)
+    # Made here, not in each daemon: building it there would write to the pages of
+    # every module's name.
+    preloaded = frozenset(sys.modules)
 
     path = socket_path(containerd_address)
     os.makedirs(ZYGOTE_DIR, mode=0o700, exist_ok=True)
@@ -150,7 +152,7 @@ def serve(containerd_address: str) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     gc.collect()
-    _fill_free_blocks()
+    prefork.pack()
     gc.freeze()
 
     children: set[int] = set()
@@ -183,7 +185,8 @@ def serve(containerd_address: str) -> None:
                 return  # its containerd is gone (stopped, or restarting: a start respawns it)
             if sock.fileno() in ready:
                 last_activity = time.monotonic()
-                pid = _fork_daemon(sock, marshal, (wake_r, wake_w), containerd_address)
+                pid = _fork_daemon(sock, marshal, (wake_r, wake_w), containerd_address,
+                                   preloaded)
                 if pid:
                     children.add(pid)
             elif not children and time.monotonic() - last_activity > IDLE_SECONDS:
@@ -212,42 +215,8 @@ def _remove_dead_sockets(own: str) -> None:
                 pass
 
 
-_fillers: list[object] = []
-
-
-def _fill_free_blocks() -> None:
-    """Use up the free blocks of the object allocator's partly used pools.
-
-    A forked daemon's first allocation into such a pool copies the whole page it
-    shares with the zygote, to use one free slot; a daemon touches many size classes,
-    so this cost several hundred KiB per daemon. With the pools full, a daemon's new
-    objects go to pages of its own, densely. The free counts come from CPython's
-    allocator statistics; anything unexpected there just skips the filling.
-    """
-    import re
-    r, w = os.pipe()
-    saved = os.dup(2)
-    try:
-        os.dup2(w, 2)  # _debugmallocstats writes to the C stderr
-        sys._debugmallocstats()
-    except (AttributeError, OSError):
-        return
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(w)
-    with os.fdopen(r, "rb") as f:
-        stats = f.read().decode(errors="replace")
-    # "class   size   num pools   blocks in use  avail blocks" rows
-    for size, avail in re.findall(r"^\s*\d+\s+(\d+)\s+\d+\s+\d+\s+(\d+)\s*$", stats, re.M):
-        length = int(size) - 33  # a bytes object of this length fills one block exactly
-        if length > 0:
-            _fillers.extend(bytes(length) for _ in range(int(avail)))
-        elif size == "32":  # floats (24 bytes) live in the 32-byte class
-            _fillers.extend(float(i) + 0.5 for i in range(int(avail)))
-
-
-def _fork_daemon(sock, marshal, own_fds: tuple[int, ...], containerd_address: str) -> int:
+def _fork_daemon(sock, marshal, own_fds: tuple[int, ...], containerd_address: str,
+                 preloaded: frozenset[str]) -> int:
     """Accept one request and fork its daemon; returns the daemon's pid (0 if none)."""
     import socket
     import struct
@@ -268,7 +237,7 @@ def _fork_daemon(sock, marshal, own_fds: tuple[int, ...], containerd_address: st
             conn.close()
             for fd in own_fds:
                 os.close(fd)
-            _become_daemon(fds[0], request, cgroups, containerd_address)  # never returns
+            _become_daemon(fds[0], request, cgroups, containerd_address, preloaded)
         conn.send(b"ok %d" % pid)
         return pid
     except (OSError, ValueError, EOFError, TypeError):
@@ -307,7 +276,8 @@ def _cgroup_dirs(peer: int) -> list[str]:
 
 
 def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str],
-                   containerd_address: str) -> None:
+                   containerd_address: str, preloaded: frozenset[str]) -> None:
+    """Never returns."""
     import signal
 
     from shim import daemon
@@ -327,7 +297,8 @@ def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str],
                 f.write(str(os.getpid()))
         except OSError:
             pass  # stays in the zygote's cgroup
-    daemon.run(listener_fd, debug, namespace, cid, cwd, start_stdin, containerd_pid)
+    daemon.run(listener_fd, debug, namespace, cid, cwd, start_stdin, containerd_pid,
+               preloaded=preloaded)
 
 
 def _set_command_line(argv: list[str]) -> None:

@@ -125,3 +125,27 @@ def test_the_zygote_goes_with_its_containerd(pyshim_only, containerd, ctr, run, 
     result = ctr("task", "exec", "--exec-id", "after", cid, "sh", "-c", "exit 4")
     assert result.rc == 4
     remove(ctr, cid)
+
+
+def test_a_forked_shim_imports_nothing_the_zygote_lacks(pyshim_only, containerd, ctr, run, cid):
+    """An import in a forked daemon costs it private memory: the zygote preloads
+    daemon.MODULES, and a daemon warns at exit about any module it had to import."""
+    assert run("true").rc == 0
+    deadline = time.monotonic() + 10
+    while not zygotes(containerd) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [z] = zygotes(containerd)
+    offset = containerd.log_path.stat().st_size
+    start_sleeper(containerd, ctr, cid)
+    shim = shim_of(containerd, cid)
+    assert shim.ppid() == z.pid
+    result = ctr("task", "exec", "--exec-id", "echo", cid, "sh", "-c", "echo out; echo err >&2")
+    assert (result.rc, result.stdout, result.stderr) == (0, "out\n", "err\n")
+    assert ctr("task", "pause", cid).rc == 0
+    assert ctr("task", "resume", cid).rc == 0
+    assert ctr("task", "metrics", cid).rc == 0
+    remove(ctr, cid)
+    shim.wait(10)
+    lines = containerd.log_tail(10_000, offset=offset).splitlines()
+    assert any("shutting down" in line and f"id={cid}" in line for line in lines)  # it logged
+    assert not [line for line in lines if "imported after the fork" in line]

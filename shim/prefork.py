@@ -1,0 +1,107 @@
+"""Packing a warmed interpreter's heaps before it forks shim daemons.
+
+A forked daemon shares the zygote's pages until one of them writes to a page; then
+the writer gets a copy of the whole page. An allocator that finds a free slot in a
+shared page hands it out first, so a daemon's first small objects and buffers each
+cost a copied page, and unlinking a slot from a free list writes to its neighbours'
+pages too. `pack` uses up those slots in the zygote with blocks nobody touches
+again: a daemon's new objects then go to fresh pages of its own, densely.
+
+Two allocators matter: CPython's object allocator (pymalloc, objects up to 512
+bytes) and the C library's malloc (everything larger: code objects, dict tables,
+buffers). Filling pymalloc's blocks took an idle daemon's private memory from 3.3 to
+3.1 MiB; taking malloc's free chunks took a running container's daemon from 4.7 to
+4.35 MiB (its heap's share: 1.2 -> 0.75 MiB). Anything unexpected (another C
+library, no statistics) skips the filling.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+_held: list[object] = []  # the fillers: kept alive, never touched again
+
+TCACHE_MAX = 1032   # glibc's largest size served from its per-thread cache
+TCACHE_COUNT = 7    # chunks per size in that cache
+
+
+def pack() -> None:
+    _fill_pymalloc()
+    _fill_malloc()
+
+
+def _fill_pymalloc() -> None:
+    """Fill the free blocks of pymalloc's partly used pools with bytes objects."""
+    r, w = os.pipe()
+    saved = os.dup(2)
+    try:
+        os.dup2(w, 2)  # _debugmallocstats writes to the C stderr
+        sys._debugmallocstats()
+    except (AttributeError, OSError):
+        return
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        stats = f.read().decode(errors="replace")
+    # "class   size   num pools   blocks in use  avail blocks" rows
+    rows = re.findall(r"^\s*\d+\s+(\d+)\s+\d+\s+\d+\s+(\d+)\s*$", stats, re.M)
+    _held.append((f, rows))  # freed, the parse's own objects would leave new free blocks
+    for size, avail in rows:
+        length = int(size) - 33  # a bytes object of this length fills one block exactly
+        for i in range(int(avail)):
+            if length > 0:
+                _held.append(bytes(length))
+            elif size == "32":  # floats (24 bytes) live in the 32-byte class
+                _held.append(i + 0.5)
+
+
+def _fill_malloc() -> None:
+    """Take glibc malloc's free chunks below the top of the heap (and its cache).
+
+    mallinfo2 tells how much is free below the top chunk; a chunk that comes out of
+    the top (the top shrinks, or the heap grows) was not a free slot, and goes back.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallinfo2, malloc, free = libc.mallinfo2, libc.malloc, libc.free
+    except (OSError, AttributeError):
+        return  # not glibc 2.33 or later
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]
+
+    mallinfo2.restype = MallInfo2
+    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    free.argtypes = [ctypes.c_void_p]
+
+    def take(size: int) -> bool:
+        """Hold a chunk of `size` bytes if one is free below the top."""
+        before = mallinfo2()
+        chunk = malloc(size)
+        after = mallinfo2()
+        if not chunk:
+            return False
+        if after.keepcost < before.keepcost or after.arena != before.arena:
+            free(chunk)
+            return False
+        _held.append(chunk)
+        return True
+
+    # The cache first: it hides its chunks from mallinfo2, and malloc serves it first.
+    for size in range(24, TCACHE_MAX + 1, 16):
+        for _ in range(TCACHE_COUNT + 1):
+            if not take(size):
+                break
+    size = 1 << 20
+    while size >= 32:
+        info = mallinfo2()
+        if info.fordblks - info.keepcost < size or not take(size - 16):
+            size //= 2
