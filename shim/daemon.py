@@ -43,7 +43,7 @@ def detach(debug: bool, namespace: str, cid: str) -> None:
     fd = shimlog.open_log_fifo()
     os.dup2(fd if fd is not None else devnull, 2)  # stray writes and tracebacks go to the log
     os.close(devnull)
-    shimlog.setup(2 if fd is not None else None, debug, namespace=namespace, id=cid)
+    shimlog.setup(debug, namespace=namespace, id=cid)
     if fd is not None:
         os.close(fd)
 

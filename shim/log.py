@@ -25,6 +25,9 @@ def _quote(value: str) -> str:
 class LogrusFormatter(logging.Formatter):
     def __init__(self, fields: dict[str, str]) -> None:
         super().__init__()
+        self.set_fields(fields)
+
+    def set_fields(self, fields: dict[str, str]) -> None:
         self._suffix = "".join(f" {k}={_quote(v)}" for k, v in fields.items() if v)
 
     def format(self, record: logging.LogRecord) -> str:
@@ -60,13 +63,23 @@ def open_log_fifo(path: str = "log") -> int | None:
         return None
 
 
-def setup(fd: int | None, debug: bool, **fields: str) -> None:
+def setup(debug: bool, **fields: str) -> None:
+    """Log to fd 2 (the daemon puts the log FIFO there, or /dev/null).
+
+    Called again, as in a daemon forked from the zygote (which set logging up before
+    it forked), it only changes the fields and the level: building the logging
+    objects in each daemon would copy the pages of logging's code and state.
+    """
     root = logging.getLogger()
-    for old in root.handlers:
-        if isinstance(old, FDHandler) and old.fd != fd and old.fd > 2:
-            os.close(old.fd)
-    root.handlers.clear()
-    handler: logging.Handler = FDHandler(fd) if fd is not None else logging.NullHandler()
-    handler.setFormatter(LogrusFormatter({"runtime": "io.containerd.pyshim.v1", **fields}))
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    handler = next((h for h in root.handlers if isinstance(h, FDHandler)), None)
+    fields = {"runtime": "io.containerd.pyshim.v1", **fields}
+    if handler is None:
+        handler = FDHandler(2)
+        handler.setFormatter(LogrusFormatter(fields))
+        root.handlers[:] = [handler]
+    else:
+        assert isinstance(handler.formatter, LogrusFormatter)
+        handler.formatter.set_fields(fields)
+    level = logging.DEBUG if debug else logging.INFO
+    if root.level != level:  # setLevel clears every logger's cache: not for nothing
+        root.setLevel(level)

@@ -125,6 +125,7 @@ def serve(containerd_address: str) -> None:
     import time
 
     from shim import daemon, prefork
+    from shim import log as shimlog
     from shim.address import is_live
 
     for name in daemon.MODULES:  # everything a daemon imports, imported once here
@@ -151,6 +152,7 @@ def serve(containerd_address: str) -> None:
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    shimlog.setup(False)  # a daemon then only sets its fields and level
     gc.collect()
     prefork.pack()
     gc.freeze()
