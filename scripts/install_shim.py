@@ -34,8 +34,8 @@ def launcher_text() -> str:
             "# containerd-shim-pyshim-v1: written by scripts/install_shim.py\n"
             "import sys\n"
             f"sys.path[:0] = {paths!r}\n"
-            "from shim.cli import main\n"
-            "sys.exit(main())\n")
+            "from shim.cli import run\n"
+            "run()\n")
 
 
 def install(directory: str, text: str) -> str:
