@@ -13,6 +13,11 @@ machine's drift hits both alike; what counts is the ratio pyshim / runc-v2:
   floor       the same container by bare `runc run`, no containerd, no shim
 
     scripts/bench.py [--runs 30] [--containers 20] [--containerd-bin PATH] [--json OUT]
+                     [--only METRIC,...] [--ksm]
+
+--ksm runs ksmd (/sys/kernel/mm/ksm/run = 1, restored afterwards) and opts pyshim into
+same-page merging (PYSHIM_KSM=1, see shim/prefork.py); memory is then measured once
+the merging has settled (ksmd needs tens of seconds for 20 shims).
 
 Prints one table and writes JSON (default bench-results.json). Needs root; run it on
 an otherwise quiet machine, never as part of the tests.
@@ -96,12 +101,28 @@ def memory_kib(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def ksm_settle(timeout: float = 180.0) -> None:
+    """Wait until ksmd has stopped finding new pages to share."""
+    deadline, last = time.monotonic() + timeout, -1
+    while time.monotonic() < deadline:
+        time.sleep(5.0)
+        sharing = int((KSM / "pages_sharing").read_text())
+        if sharing > 0 and sharing <= last * 1.01:
+            return
+        last = sharing
+
+
 class Bench:
-    def __init__(self, containerd: PrivateContainerd, runs: int, containers: int) -> None:
+    def __init__(self, containerd: PrivateContainerd, runs: int, containers: int,
+                 ksm: bool = False) -> None:
         self.c = containerd
         self.env = containerd.environ()
         self.runs = runs
         self.containers = containers
+        self.ksm = ksm
         self.results: dict[str, dict[str, float]] = {}
         self.seq = 0
 
@@ -170,11 +191,14 @@ class Bench:
                 for cid in cids:
                     self.start_detached(runtime, cid)
                 time.sleep(1.0)  # let start-up garbage settle
+                if self.ksm:
+                    ksm_settle()
                 rss, pss = memory_kib(shim_pids(runtime, self.c.address))
             finally:
                 self.remove(cids)
-            self.record(f"RSS per container, {count} running (MiB)", runtime, rss / 1024 / count)
-            self.record(f"PSS per container, {count} running (MiB)", runtime, pss / 1024 / count)
+            tag = ", ksmd" if self.ksm else ""
+            self.record(f"RSS per container, {count} running{tag} (MiB)", runtime, rss / 1024 / count)
+            self.record(f"PSS per container, {count} running{tag} (MiB)", runtime, pss / 1024 / count)
 
     def concurrent(self) -> None:
         walls: dict[str, list[float]] = {r: [] for r in RUNTIMES}
@@ -232,18 +256,25 @@ def main() -> int:
     ap.add_argument("--ctr-bin", default="")
     ap.add_argument("--json", default="bench-results.json")
     ap.add_argument("--only", default="", help="comma list: lifecycle,exec,memory,concurrent,floor")
+    ap.add_argument("--ksm", action="store_true",
+                    help="run ksmd and opt pyshim into same-page merging (PYSHIM_KSM=1)")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
     want = (lambda name: not only or name in only)
     ctr_bin = args.ctr_bin or shutil.which("ctr", path=str(Path(args.containerd_bin).parent)) \
         or "ctr"
+    ksm_run = None
+    if args.ksm:
+        ksm_run = (KSM / "run").read_text().strip()  # raises if the kernel has no KSM
+        (KSM / "run").write_text("1")
+        os.environ["PYSHIM_KSM"] = "1"  # containerd passes it on to the shims
     workdir = Path(tempfile.mkdtemp(prefix="pyshim-bench-", dir="/run"))
     containerd = PrivateContainerd(workdir, containerd=args.containerd_bin, ctr=ctr_bin,
                                    namespace=NAMESPACE, log_level="info",
                                    path_prefix=[sysconfig.get_path("scripts")])
     archive = str(workdir / "busybox.oci.tar")
     build_image(archive)
-    bench = Bench(containerd, args.runs, args.containers)
+    bench = Bench(containerd, args.runs, args.containers, ksm=args.ksm)
     floor = None
     try:
         containerd.start()
@@ -265,6 +296,8 @@ def main() -> int:
         containerd.stop()
         containerd.cleanup(namespaces=[NAMESPACE])
         shutil.rmtree(workdir, ignore_errors=True)
+        if ksm_run is not None:
+            (KSM / "run").write_text(ksm_run)
 
     rows = []
     print(f"containerd: {version}; {platform.node()} {os.cpu_count()} cpus; runs={args.runs}")
@@ -278,6 +311,7 @@ def main() -> int:
         print(f"{'floor: bare runc run /bin/true (ms)':44} {floor:10.1f}")
     with open(args.json, "w") as f:
         json.dump({"containerd": version, "runs": args.runs, "containers": args.containers,
+                   "ksm": args.ksm,
                    "rows": rows, "floor_ms": floor, "time": time.time()}, f, indent=1)
     return 0
 

@@ -13,6 +13,16 @@ buffers). Filling pymalloc's blocks took an idle daemon's private memory from 3.
 3.1 MiB; taking malloc's free chunks took a running container's daemon from 4.7 to
 4.35 MiB (its heap's share: 1.2 -> 0.75 MiB). Anything unexpected (another C
 library, no statistics) skips the filling.
+
+What the daemons do copy is mostly the same in each of them (the same code warms
+up, the same objects change), and a page copied only to count references and count
+them back ends as it was. The kernel's same-page merging (KSM) can fold such pages
+back together; `mark_mergeable` offers the zygote's memory to it, which forked
+daemons inherit. It is opt-in (PYSHIM_KSM=1 in containerd's environment) and
+does nothing unless the node runs ksmd (/sys/kernel/mm/ksm/run = 1): merging costs
+ksmd's CPU time, and merged pages are a timing side channel between processes that
+share them. Containers never inherit it: marks belong to memory areas, and runc's
+exec starts with none.
 """
 
 from __future__ import annotations
@@ -23,6 +33,9 @@ import sys
 
 _held: list[object] = []  # the fillers: kept alive, never touched again
 
+KSM_ENV = "PYSHIM_KSM"
+MADV_MERGEABLE = 12
+
 TCACHE_MAX = 1032   # glibc's largest size served from its per-thread cache
 TCACHE_COUNT = 7    # chunks per size in that cache
 
@@ -30,6 +43,27 @@ TCACHE_COUNT = 7    # chunks per size in that cache
 def pack() -> None:
     _fill_pymalloc()
     _fill_malloc()
+
+
+def mark_mergeable() -> int:
+    """Offer this process's private writable memory to KSM; returns how many areas
+    were marked (0 where the kernel has no KSM)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    marked = 0
+    with open("/proc/self/maps") as f:
+        areas = f.read().splitlines()
+    for line in areas:
+        fields = line.split()
+        name = fields[5] if len(fields) > 5 else ""
+        if fields[1].startswith("rw") and fields[1][3] == "p" and not name.startswith("[st") \
+                and name not in ("[vvar]", "[vdso]", "[vsyscall]"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if libc.madvise(start, end - start, MADV_MERGEABLE) == 0:
+                marked += 1
+    return marked
 
 
 def _fill_pymalloc() -> None:

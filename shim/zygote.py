@@ -156,6 +156,8 @@ def serve(containerd_address: str) -> None:
     gc.collect()
     prefork.pack()
     gc.freeze()
+    if os.environ.get(prefork.KSM_ENV) == "1":
+        prefork.mark_mergeable()
 
     children: set[int] = set()
     last_activity = time.monotonic()

@@ -3,8 +3,11 @@
 Each check runs in a fresh interpreter, so that the filling does not stay in pytest's.
 """
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 # Frees every other block of a run of allocations, so each allocator has free slots
 # between used ones, as a zygote's heap has after its imports.
@@ -79,3 +82,27 @@ prefork._fill_malloc()
 print(len(prefork._held) - held)
 """)
     assert out.strip() == "0"
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/ksm"), reason="kernel without KSM")
+def test_private_writable_memory_is_offered_to_ksm():
+    out = run("""
+marked = prefork.mark_mergeable()
+flags = {}
+name = None
+for line in open("/proc/self/smaps"):
+    fields = line.split()
+    if "-" in fields[0] and not fields[0].endswith(":"):
+        name = fields[5] if len(fields) > 5 else "anon"
+        perms = fields[1]
+    elif fields[0] == "VmFlags:":
+        flags.setdefault((name, perms), set()).update(fields[1:])
+print(marked)
+print(int("mg" in flags.get(("[heap]", "rw-p"), ())))
+print(int(any("mg" in f for (n, p), f in flags.items() if n.startswith("[stack"))))
+print(int(any("mg" in f for (n, p), f in flags.items() if not p.startswith("rw"))))
+""")
+    marked, heap, stack, readonly = map(int, out.split())
+    assert marked > 0
+    assert heap == 1  # the interpreter's own heap is offered
+    assert stack == 0 and readonly == 0  # stacks and code are not
