@@ -124,7 +124,7 @@ def serve(containerd_address: str) -> None:
     import socket
     import time
 
-    from shim import daemon, prefork
+    from shim import daemon, prefork, warmup
     from shim import log as shimlog
     from shim.address import is_live
 
@@ -153,6 +153,7 @@ def serve(containerd_address: str) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     shimlog.setup(False)  # a daemon then only sets its fields and level
+    warmup.rehearse()
     gc.collect()
     prefork.pack()
     gc.freeze()
