@@ -10,6 +10,10 @@ machine's drift hits both alike; what counts is the ratio pyshim / runc-v2:
   memory      RSS and PSS (/proc/PID/smaps_rollup) of all shim processes, per running
               container, with 1 and with N (default 20) containers running
   concurrent  wall time to start N containers at once (`ctr run -d`, all returned)
+  cri         through CRI (a second private containerd, CRI on, tests/cri's harness):
+              RunPodSandbox + CreateContainer + StartContainer latency, median and p90,
+              and shim memory per running pod (pause + one container, one shim each)
+              with N/2 pods running; handlers `pyshim` and `runc`
   floor       the same container by bare `runc run`, no containerd, no shim
 
     scripts/bench.py [--runs 30] [--containers 20] [--containerd-bin PATH] [--json OUT]
@@ -41,6 +45,7 @@ from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
+TESTS = SCRIPTS.parent / "tests"  # the CRI measurement reuses the CRI tests' harness
 from build_image import DEFAULT_REF, build_image  # noqa: E402
 from private_containerd import PrivateContainerd, shim_binary_name  # noqa: E402
 
@@ -219,6 +224,63 @@ class Bench:
             self.record(f"{self.containers} concurrent starts, wall (ms)", runtime,
                         statistics.median(values) * 1e3)
 
+    def cri(self, workdir: Path, containerd_bin: str, ctr_bin: str) -> None:
+        sys.path.insert(0, str(TESTS))
+        from cri import client  # needs grpcio: the venv's [test] extra
+        from cri.harness import HANDLERS, CriContainerd
+
+        handlers = {runtime: HANDLERS[runtime] for runtime in RUNTIMES}
+        c = CriContainerd(workdir / "cri", PYSHIM, containerd=containerd_bin, ctr=ctr_bin,
+                          log_level="info")
+        c.start()
+        try:
+            def run_pod(runtime: str, n: int) -> str:
+                name = f"bench-{n}"
+                config = client.host_network_pod(name, log_directory=c.pod_log_directory(name),
+                                                  cgroup_parent=c.cgroup_parent, uid=name)
+                sandbox = c.cri.run_pod_sandbox(config, handlers[runtime])
+                cid = c.cri.create_container(
+                    sandbox, client.container("sleeper", c.image, ["sleep", "100000"]), config)
+                c.cri.start_container(cid)
+                return sandbox
+
+            def remove(sandboxes: list[str]) -> None:
+                for sandbox in sandboxes:
+                    c.cri.stop_pod_sandbox(sandbox)
+                    c.cri.remove_pod_sandbox(sandbox)
+
+            samples: dict[str, list[float]] = {r: [] for r in RUNTIMES}
+            for i in range(self.runs + 2):
+                for runtime in (RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]):
+                    start = time.perf_counter()
+                    sandbox = run_pod(runtime, self.seq)
+                    elapsed = time.perf_counter() - start
+                    self.seq += 1
+                    remove([sandbox])
+                    if i >= 2:
+                        samples[runtime].append(elapsed)
+            for runtime, values in samples.items():
+                self.record("CRI pod + container start median (ms)", runtime,
+                            statistics.median(values) * 1e3)
+                self.record("CRI pod + container start p90 (ms)", runtime, pct(values, 0.9) * 1e3)
+            pods = max(1, self.containers // 2)
+            for runtime in RUNTIMES:
+                sandboxes = []
+                try:
+                    for _ in range(pods):
+                        sandboxes.append(run_pod(runtime, self.seq))
+                        self.seq += 1
+                    time.sleep(1.0)
+                    if self.ksm:
+                        ksm_settle()
+                    _, pss = memory_kib(shim_pids(runtime, c.address))
+                finally:
+                    remove(sandboxes)
+                tag = ", ksmd" if self.ksm else ""
+                self.record(f"PSS per pod, {pods} running{tag} (MiB)", runtime, pss / 1024 / pods)
+        finally:
+            c.shutdown()  # raises if anything was left behind
+
     def floor(self, workdir: Path, archive: str) -> float:
         """Median of bare `runc run` of /bin/true: what no shim can go below."""
         bundle = workdir / "floor"
@@ -255,7 +317,8 @@ def main() -> int:
     ap.add_argument("--containerd-bin", default="containerd")
     ap.add_argument("--ctr-bin", default="")
     ap.add_argument("--json", default="bench-results.json")
-    ap.add_argument("--only", default="", help="comma list: lifecycle,exec,memory,concurrent,floor")
+    ap.add_argument("--only", default="",
+                    help="comma list: lifecycle,exec,memory,concurrent,cri,floor")
     ap.add_argument("--ksm", action="store_true",
                     help="run ksmd and opt pyshim into same-page merging (PYSHIM_KSM=1)")
     args = ap.parse_args()
@@ -295,6 +358,10 @@ def main() -> int:
     finally:
         containerd.stop()
         containerd.cleanup(namespaces=[NAMESPACE])
+    try:
+        if want("cri"):
+            bench.cri(workdir, args.containerd_bin, ctr_bin)
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
         if ksm_run is not None:
             (KSM / "run").write_text(ksm_run)
