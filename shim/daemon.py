@@ -87,7 +87,7 @@ def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *
     except OSError as e:
         log.error("cannot become a child subreaper: %s", e)
     stopping = threading.Event()
-    publisher = Publisher(ttrpc_address, namespace)
+    publisher = Publisher(ttrpc_address, namespace, start=False)
     service: TaskService
 
     def request_shutdown() -> None:
@@ -102,6 +102,10 @@ def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *
     for name in TASK_SERVICES:
         server.register(name, service.methods())
     threading.Thread(target=server.serve, args=(listener,), name="ttrpc", daemon=True).start()
+    # Only now the other threads: each start waits for its thread to run, time that
+    # containerd's first request (Create) no longer waits for.
+    publisher.start()
+    service.start()
     log.debug("serving on %s", listener.getsockname())
     service.reaper.run(stopping.is_set)
 

@@ -42,12 +42,18 @@ def timestamp_of(t: float | None):  # -> google.protobuf.Timestamp
 
 
 class Publisher:
-    def __init__(self, ttrpc_address: str, namespace: str) -> None:
+    def __init__(self, ttrpc_address: str, namespace: str, *, start: bool = True) -> None:
+        """`start=False` leaves the forwarding thread to `start()`; events published
+        before it runs wait in the queue."""
         self._address = ttrpc_address
         self._namespace = namespace
         self._queue: queue.Queue[tuple[str, Message, float] | None] = queue.Queue()
         self._client: Client | None = None
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
         self._thread.start()
 
     def publish(self, topic: str, event: Message) -> None:

@@ -109,7 +109,9 @@ class _Watch:
 
 
 class OOMWatcher:
-    def __init__(self, on_oom: Callable[[str], None]) -> None:
+    def __init__(self, on_oom: Callable[[str], None], *, start: bool = True) -> None:
+        """`start=False` leaves the thread to `start()`: watches may be added before it
+        runs, and their events wait in the epoll set until it does."""
         self._on_oom = on_oom
         self._lock = threading.Lock()
         self._by_id: dict[str, _Watch] = {}
@@ -122,6 +124,10 @@ class OOMWatcher:
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._epoll.register(self._wake_fd, select.EPOLLIN)
         self._thread = threading.Thread(target=self._run, name="oom-watcher", daemon=True)
+        if start:
+            self._thread.start()
+
+    def start(self) -> None:
         self._thread.start()
 
     def __contains__(self, container_id: str) -> bool:

@@ -125,7 +125,7 @@ class TaskService:
         self.publisher = publisher
         self.request_shutdown = request_shutdown
         self.reaper = Reaper(self._exit_queued)
-        self.oom = OOMWatcher(self._oom)
+        self.oom = OOMWatcher(self._oom, start=False)
         self.containers: dict[str, Container] = {}
         self._lock = threading.Lock()  # guards `containers`
         self._exit_lock = threading.Lock()
@@ -133,7 +133,14 @@ class TaskService:
         self._launching = 0
         self._early: dict[int, tuple[int, float]] = {}
         self._exits: queue.SimpleQueue[tuple[int, int, float]] = queue.SimpleQueue()
-        threading.Thread(target=self._exit_loop, name="exits", daemon=True).start()
+        self._exit_thread = threading.Thread(target=self._exit_loop, name="exits", daemon=True)
+
+    def start(self) -> None:
+        """Start the exit and OOM threads. Until they run, exits and OOM events wait
+        in their queue and epoll set: the daemon starts them once it accepts requests,
+        so that containerd's first call does not wait for them."""
+        self._exit_thread.start()
+        self.oom.start()
 
     # -- lookup ----------------------------------------------------------------------------
 
