@@ -43,7 +43,7 @@ _FLAGS: dict[str, tuple[bool, int]] = {
 _libc_handle = None
 
 
-def _libc():  # loaded on first use: the `delete` action usually needs no syscall here
+def libc():  # loaded on first use: the `delete` action usually needs no syscall here
     global _libc_handle
     if _libc_handle is None:
         import ctypes
@@ -84,7 +84,7 @@ def parse_options(options: list[str]) -> tuple[int, str]:
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    if _libc().mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+    if libc().mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
                    flags, data.encode() if data else None) != 0:
         err = _errno()
         raise OSError(err, f"mount {source} on {target} ({fstype}): {os.strerror(err)}")
@@ -159,7 +159,7 @@ def _escape(path: str) -> str:
 
 def unmount(path: str, lazy: bool = False) -> bool:
     """Unmount once; False when nothing is mounted there."""
-    if _libc().umount2(path.encode(), MNT_DETACH if lazy else 0) == 0:
+    if libc().umount2(path.encode(), MNT_DETACH if lazy else 0) == 0:
         return True
     err = _errno()
     if err in (22, 2):  # EINVAL: not a mount point; ENOENT: no such path
