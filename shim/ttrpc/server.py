@@ -3,8 +3,10 @@
 Threads: serve() accepts in the caller's thread; each connection has one
 reader thread, and every request runs in a thread of its own, because
 containerd keeps Wait pending while it sends State/Kill on the same
-connection. Responses go out as handlers finish, so possibly out of order;
-one lock per connection keeps frames whole. All threads are daemon threads.
+connection. A handler's thread waits a while for the next request when it is
+done (`_Workers`): starting a thread per call would add its start to every
+call. Responses go out as handlers finish, so possibly out of order; one lock
+per connection keeps frames whole. All threads are daemon threads.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import socket
 import struct
 import threading
@@ -61,6 +64,48 @@ Handler = Callable[[Message, Context], Message]
 _Method = tuple[type[Message], Handler]
 
 
+class _Workers:
+    """Threads that run one call each, then wait up to `idle` seconds for another.
+
+    A waiting thread takes the next call instead of a new thread being started
+    (about 0.15 ms each time, on the caller's critical path). `run` never waits for
+    a thread to be free: with none waiting it starts one, so a call that blocks
+    (Wait) never holds up another.
+    """
+
+    def __init__(self, idle: float = 10.0) -> None:
+        self._idle = idle
+        self._lock = threading.Lock()
+        self._waiting = 0  # threads in _loop's get(); each put() is taken by exactly one
+        self._calls: queue.SimpleQueue[tuple[Callable[..., None], tuple]] = queue.SimpleQueue()
+
+    def run(self, fn: Callable[..., None], *args: object) -> None:
+        """Run fn(*args) in a thread; raises RuntimeError if no thread can be started."""
+        with self._lock:
+            if self._waiting:
+                self._waiting -= 1
+                self._calls.put((fn, args))  # under the lock: see _loop's time-out
+                return
+        threading.Thread(target=self._loop, args=(fn, args), name="ttrpc-call", daemon=True).start()
+
+    def _loop(self, fn: Callable[..., None], args: tuple) -> None:
+        while True:
+            fn(*args)
+            with self._lock:
+                self._waiting += 1
+            try:
+                fn, args = self._calls.get(timeout=self._idle)
+            except queue.Empty:
+                with self._lock:
+                    # run() may have counted on this thread just before the time-out;
+                    # its call is queued by now (both happen under the lock).
+                    try:
+                        fn, args = self._calls.get_nowait()
+                    except queue.Empty:
+                        self._waiting -= 1
+                        return
+
+
 class Server:
     def __init__(self, *, require_same_user: bool = True) -> None:
         self._require_same_user = require_same_user
@@ -70,6 +115,7 @@ class Server:
         self._conns: set[_Connection] = set()
         self._listener: socket.socket | None = None
         self._closing = False
+        self._workers = _Workers()
 
     def register(self, service: str, methods: Mapping[str, _Method]) -> None:
         """Serve `methods` (name -> (request type, handler)) under `service`.
@@ -322,11 +368,8 @@ class _Connection:
         for kv in req.metadata:
             metadata.setdefault(kv.key.lower(), []).append(kv.value)
         ctx = Context(req.service, req.method, metadata, deadline)
-        worker = threading.Thread(
-            target=self._call, args=(sid, req.payload, req_type, handler, ctx), name="ttrpc-call", daemon=True
-        )
         try:
-            worker.start()
+            self._server._workers.run(self._call, sid, req.payload, req_type, handler, ctx)
         except RuntimeError as exc:  # can't start new thread
             self._finish(sid, codec.encode_response(sid, error=TTRPCError(Code.RESOURCE_EXHAUSTED, str(exc))))
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import queue
 import shutil
 import socket
 import struct
@@ -24,6 +25,7 @@ from shim.ttrpc import (
 )
 from shim.ttrpc import server as server_module
 from shim.ttrpc.codec import REQUEST, RESPONSE, Decoder, Frame, encode_frame
+from shim.ttrpc.server import _Workers
 from shim.ttrpc.ttrpc_pb2 import Request, Response
 
 SERVICE = "test.v1.Echo"
@@ -577,3 +579,41 @@ def test_same_user_handshake_rejects_other_users(sockdir):
             assert c.call(SERVICE, "Echo", StringValue(value="me"), StringValue, timeout=5).value == "me"
     finally:
         r.stop()
+
+
+# -- the handler threads ----------------------------------------------------------------------
+
+def test_a_finished_handler_thread_takes_the_next_call():
+    workers = _Workers(idle=5.0)
+    seen: queue.Queue[int] = queue.Queue()
+    workers.run(lambda: seen.put(threading.get_ident()))
+    first = seen.get(timeout=5)
+    deadline = time.monotonic() + 5
+    while workers._waiting != 1 and time.monotonic() < deadline:  # back to waiting
+        time.sleep(0.001)
+    workers.run(lambda: seen.put(threading.get_ident()))
+    assert seen.get(timeout=5) == first
+
+
+def test_a_blocked_handler_does_not_hold_up_the_next():
+    workers = _Workers(idle=5.0)
+    release = threading.Event()
+    done: queue.Queue[str] = queue.Queue()
+    workers.run(lambda: (release.wait(10), done.put("blocked")))
+    workers.run(lambda: done.put("quick"))
+    assert done.get(timeout=5) == "quick"
+    release.set()
+    assert done.get(timeout=5) == "blocked"
+
+
+def test_idle_handler_threads_end():
+    workers = _Workers(idle=0.05)
+    before = threading.active_count()
+    for _ in range(3):
+        workers.run(time.sleep, 0.2)  # three at once: three threads
+    assert threading.active_count() == before + 3
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
+    assert workers._waiting == 0
