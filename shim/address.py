@@ -34,9 +34,8 @@ def group_id(bundle: str, cid: str) -> str:
         return cid
     if not any(key.encode() in data for key in GROUP_ANNOTATIONS):
         return cid  # the common case, without parsing the whole spec
-    import json
     try:
-        annotations = json.loads(data).get("annotations") or {}
+        annotations = parse_json(data).get("annotations") or {}
     except (ValueError, AttributeError):
         return cid
     for key in GROUP_ANNOTATIONS:
@@ -44,6 +43,32 @@ def group_id(bundle: str, cid: str) -> str:
         if isinstance(value, str) and value:
             return value
     return cid
+
+
+def parse_json(data: bytes) -> object:
+    """JSON as json.loads parses it, by the same C scanner, without importing the json
+    module: its import (with `re`'s) took every CRI container's `start` about 5 ms."""
+    text = data.decode()
+    try:
+        from _json import make_scanner
+    except ImportError:  # an interpreter without the C accelerator
+        import json
+        return json.loads(text)
+
+    class Options:  # what json.JSONDecoder hands its scanner
+        strict = True
+        object_hook = object_pairs_hook = None
+        parse_float = parse_constant = float
+        parse_int = int
+
+    start = len(text) - len(text.lstrip())
+    try:
+        value, end = make_scanner(Options())(text, start)
+    except StopIteration as e:
+        raise ValueError(f"invalid JSON at offset {e.value}") from None
+    if text[end:].strip():
+        raise ValueError(f"extra data after JSON at offset {end}")
+    return value
 
 
 def socket_path(containerd_address: str, namespace: str, group: str,

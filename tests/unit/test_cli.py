@@ -1,8 +1,11 @@
 """Flag parsing (Go `flag` syntax) and the socket address convention."""
 
 import hashlib
+import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -56,3 +59,31 @@ def test_listen_is_owner_only_and_detects_a_live_shim(tmp_path):
     again = address.listen(path)  # stale socket file: replaced
     assert again is not None
     again.close()
+
+
+@pytest.mark.parametrize("doc", [
+    b'{"annotations": {"io.kubernetes.cri.sandbox-id": "p\\u00e9d\\n"}, "n": [1, 2.5, -3e2, true, null]}',
+    b'  \n{"a": {"b": [{}, [], "x\\"y"]}, "c": NaN, "d": -Infinity}\n',
+    '{"snow": "\u2603", "big": 123456789012345678901234567890}'.encode(),
+])
+def test_parse_json_is_json_loads(doc):
+    assert repr(address.parse_json(doc)) == repr(json.loads(doc))
+
+
+@pytest.mark.parametrize("doc", [b'{"a": 1', b'{"a": 1} x', b'', b'{"a": }', b'\xff'])
+def test_parse_json_refuses_what_json_refuses(doc):
+    with pytest.raises(ValueError):
+        json.loads(doc)
+    with pytest.raises(ValueError):
+        address.parse_json(doc)
+
+
+def test_start_does_not_import_json_for_a_pod(tmp_path):
+    # The grouping annotation is found without the json module (and re) in `start`'s path.
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}, "process": {"args": ["x"]}}))
+    code = (f"import sys; sys.path[:0] = {sys.path!r}; from shim import address; "
+            f"print(address.group_id({str(tmp_path)!r}, 'c1'), 'json' in sys.modules, 're' in sys.modules)")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                         timeout=30)
+    assert out.stdout.split() == ["pod1", "False", "False"], out.stderr
