@@ -62,6 +62,8 @@ class Publisher:
     def close(self, timeout: float = 2.0) -> None:
         """Forward what is queued (bounded by `timeout`), then stop."""
         self._queue.put(None)
+        if self._thread.ident is None:
+            self._thread.start()  # never started: it forwards what is queued, then stops
         self._thread.join(timeout)
 
     def _run(self) -> None:

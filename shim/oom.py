@@ -163,6 +163,8 @@ class OOMWatcher:
             for watch in list(self._by_id.values()):
                 self._drop(watch)
             os.eventfd_write(self._wake_fd, 1)
+        if self._thread.ident is None:
+            self._thread.start()  # never started: it only runs its clean-up now
         if threading.current_thread() is not self._thread:
             self._thread.join()
         # else: called from a callback; the thread closes the rest as it leaves.

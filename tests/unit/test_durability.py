@@ -146,3 +146,35 @@ def test_info_without_options_or_features(tmp_dir):
     assert info.name == "rt" and not info.HasField("features")
     with pytest.raises(ValueError):
         runtime_info(b"\xff\xff\xff", "rt", "1")
+
+
+def test_events_published_before_the_publisher_starts_go_out_in_order(tmp_dir):
+    path = os.path.join(tmp_dir, "containerd.sock.ttrpc")
+    containerd = FakeEvents(path)
+    publisher = events.Publisher(path, "ns", start=False)
+    try:
+        for n in range(3):
+            publisher.publish("/tasks/create", TaskExit(container_id=f"c{n}"))
+        time.sleep(0.3)
+        assert containerd.received == []  # queued until the thread runs
+        publisher.start()
+        deadline = time.monotonic() + 10
+        while len(containerd.received) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [TaskExit.FromString(e.event.value).container_id for e in containerd.received] == \
+            ["c0", "c1", "c2"]
+    finally:
+        publisher.close()
+        containerd.close()
+
+
+def test_a_publisher_never_started_forwards_what_was_queued_when_closed(tmp_dir):
+    path = os.path.join(tmp_dir, "containerd.sock.ttrpc")
+    containerd = FakeEvents(path)
+    publisher = events.Publisher(path, "ns", start=False)
+    try:
+        publisher.publish("/tasks/delete", TaskExit(container_id="last"))
+        publisher.close(timeout=5)
+        assert [TaskExit.FromString(e.event.value).container_id for e in containerd.received] == ["last"]
+    finally:
+        containerd.close()

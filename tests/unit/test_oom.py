@@ -338,3 +338,28 @@ def test_live_v1_removed_cgroup_is_dropped_silently(memory_cgroup):
         assert open_fds() == before
     finally:
         w.close()
+
+
+def test_watches_added_before_the_thread_starts_report_once_it_runs(fake_v2):
+    # The daemon adds a container's watch in Create, possibly before it has started the
+    # watcher's thread (it starts it once the ttrpc server accepts).
+    before = open_fds()
+    events = Events()
+    w = OOMWatcher(events, start=False)
+    try:
+        w.add("c1", fake_v2)
+        write_events(Path(fake_v2.memory_path) / "memory.events", oom=1, oom_kill=1)
+        assert events.none_within(0.3)  # nobody reads yet
+        w.start()
+        assert events.next() == "c1"
+    finally:
+        w.close()
+    assert open_fds() == before
+
+
+def test_a_watcher_never_started_closes_cleanly(fake_v2):
+    before = open_fds()
+    w = OOMWatcher(Events(), start=False)
+    w.add("c1", fake_v2)
+    w.close()
+    assert open_fds() == before
