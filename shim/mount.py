@@ -6,7 +6,10 @@ mount(2) flags, everything else is passed on as the filesystem's data string.
 
 from __future__ import annotations
 
+import errno
 import os
+
+from shim.libc import check, libc
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -40,26 +43,6 @@ _FLAGS: dict[str, tuple[bool, int]] = {
     "sync": (False, MS_SYNCHRONOUS),
 }
 
-_libc_handle = None
-
-
-def libc():  # loaded on first use: the `delete` action usually needs no syscall here
-    global _libc_handle
-    if _libc_handle is None:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
-                               ctypes.c_ulong, ctypes.c_char_p]
-        libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-        _libc_handle = libc
-    return _libc_handle
-
-
-def _errno() -> int:
-    import ctypes
-    return ctypes.get_errno()
-
-
 class Mount:
     """One mount of a Create request. `target` is a sub-path inside the rootfs
     (containerd 2.x); "" is the rootfs itself."""
@@ -84,10 +67,9 @@ def parse_options(options: list[str]) -> tuple[int, str]:
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    if libc().mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
-                   flags, data.encode() if data else None) != 0:
-        err = _errno()
-        raise OSError(err, f"mount {source} on {target} ({fstype}): {os.strerror(err)}")
+    check(libc().mount(source.encode(), target.encode(), fstype.encode() if fstype else None,
+                       flags, data.encode() if data else None),
+          f"mount {source} on {target} ({fstype})")
 
 
 def mount(m: Mount, root: str) -> None:
@@ -159,12 +141,13 @@ def _escape(path: str) -> str:
 
 def unmount(path: str, lazy: bool = False) -> bool:
     """Unmount once; False when nothing is mounted there."""
-    if libc().umount2(path.encode(), MNT_DETACH if lazy else 0) == 0:
-        return True
-    err = _errno()
-    if err in (22, 2):  # EINVAL: not a mount point; ENOENT: no such path
-        return False
-    raise OSError(err, f"unmount {path}: {os.strerror(err)}")
+    try:
+        check(libc().umount2(path.encode(), MNT_DETACH if lazy else 0), f"unmount {path}")
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOENT):  # not a mount point; no such path
+            return False
+        raise
+    return True
 
 
 def unmount_all(path: str) -> None:

@@ -21,7 +21,6 @@ readiness report just reads EAGAIN. Callbacks run outside the lock, so they may 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -31,6 +30,7 @@ import threading
 from typing import Callable
 
 from shim.cgroups import Cgroup
+from shim.libc import check, libc
 
 log = logging.getLogger("shim.oom")
 
@@ -42,27 +42,6 @@ IN_IGNORED = 0x00008000
 IN_CLOEXEC = os.O_CLOEXEC
 IN_NONBLOCK = os.O_NONBLOCK
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; `len` bytes of name follow
-
-_libc: ctypes.CDLL | None = None
-
-
-def _inotify() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.inotify_init1.argtypes = [ctypes.c_int]
-        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-        _libc = libc
-    return _libc
-
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
-
 
 def read_oom_kills(memory_events: str) -> int | None:
     """The oom_kill count of a v2 memory.events file.
@@ -198,10 +177,9 @@ class OOMWatcher:
         path = os.path.join(watch.directory, "memory.events")
         if not os.path.exists(path):
             raise FileNotFoundError(errno.ENOENT, "no memory.events", path)
-        libc = _inotify()
+        c = libc()
         if self._inotify_fd < 0:
-            self._inotify_fd = _check(libc.inotify_init1(IN_CLOEXEC | IN_NONBLOCK),
-                                      "inotify_init1")
+            self._inotify_fd = check(c.inotify_init1(IN_CLOEXEC | IN_NONBLOCK), "inotify_init1")
             self._epoll.register(self._inotify_fd, select.EPOLLIN)
         # Baseline before the watch, so a kill that lands in between is reported rather
         # than absorbed into the baseline.
@@ -211,8 +189,8 @@ class OOMWatcher:
                 file = os.path.join(watch.directory, name)
                 if name == "cgroup.events" and not os.path.exists(file):
                     continue
-                wd = _check(libc.inotify_add_watch(self._inotify_fd, os.fsencode(file), IN_MODIFY),
-                            f"inotify_add_watch {file}")
+                wd = check(c.inotify_add_watch(self._inotify_fd, os.fsencode(file), IN_MODIFY),
+                           f"inotify_add_watch {file}")
                 # inotify hands out the same wd when a file is watched twice (two ids on
                 # one cgroup): the newest id takes the kernel's watch over.
                 other = self._by_wd.get(wd)
@@ -241,7 +219,7 @@ class OOMWatcher:
             if self._by_wd.get(wd) is watch:
                 del self._by_wd[wd]
                 # EINVAL when the kernel already dropped the watch (file removed): fine.
-                _inotify().inotify_rm_watch(self._inotify_fd, wd)
+                libc().inotify_rm_watch(self._inotify_fd, wd)
         watch.wds.clear()
 
     # -- the thread -----------------------------------------------------------

@@ -31,6 +31,8 @@ import os
 import re
 import sys
 
+from shim.libc import libc
+
 _held: list[object] = []  # the fillers: kept alive, never touched again
 
 KSM_ENV = "PYSHIM_KSM"
@@ -48,10 +50,7 @@ def pack() -> None:
 def mark_mergeable() -> int:
     """Offer this process's private writable memory to KSM; returns how many areas
     were marked (0 where the kernel has no KSM)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise = libc().madvise
     marked = 0
     with open("/proc/self/maps") as f:
         areas = f.read().splitlines()
@@ -61,7 +60,7 @@ def mark_mergeable() -> int:
         if fields[1].startswith("rw") and fields[1][3] == "p" and not name.startswith("[st") \
                 and name not in ("[vvar]", "[vdso]", "[vsyscall]"):
             start, end = (int(x, 16) for x in fields[0].split("-"))
-            if libc.madvise(start, end - start, MADV_MERGEABLE) == 0:
+            if madvise(start, end - start, MADV_MERGEABLE) == 0:
                 marked += 1
     return marked
 
@@ -102,8 +101,8 @@ def _fill_malloc() -> None:
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None)
-        mallinfo2, malloc, free = libc.mallinfo2, libc.malloc, libc.free
+        c = libc()
+        mallinfo2, malloc, free = c.mallinfo2, c.malloc, c.free
     except (OSError, AttributeError):
         return  # not glibc 2.33 or later
 

@@ -13,7 +13,6 @@ reaped child as exit status 0.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import signal
@@ -21,6 +20,8 @@ import subprocess
 import threading
 import time
 from typing import Any, Callable
+
+from shim.libc import check, libc
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -33,10 +34,7 @@ def exit_code(status: int) -> int:
 
 
 def set_child_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+    check(libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
 class Child:

@@ -8,8 +8,8 @@ daemon: 140 KiB less private memory per daemon with a running container (4.23 ->
 4.09 MiB), and quicker first requests.
 
 Only work without side effects: encoding and decoding the messages of a container's
-life, finding this process's own cgroup, formatting a log line, looking up the C
-library's mount functions, and running `true` the way runc is run.
+life, finding this process's own cgroup, formatting a log line, loading the C
+library, and running `true` the way runc is run.
 """
 
 from __future__ import annotations
@@ -27,18 +27,19 @@ SPAWNS = 3
 def rehearse() -> None:
     from google.protobuf.any_pb2 import Any
 
-    from shim import mount, options
+    from shim import options
     from shim.api import events_pb2 as ev
     from shim.api import task_pb2 as pb
     from shim.api.envelope_pb2 import Envelope, ForwardRequest
     from shim.cgroups import Cgroup
     from shim.events import timestamp_of
+    from shim.libc import libc
     from shim.runc_config import RuncConfig
     from shim.ttrpc import codec
 
     log = logging.getLogger("shim.warmup")
     true = shutil.which("true")
-    mount.libc()  # Create's first mount would look up libc's functions (0.2 ms)
+    libc()  # Create's first mount would load the C library (0.2 ms)
     for i in range(ROUNDS):
         _ = Cgroup.for_pid(os.getpid()).memory_path
         request = pb.CreateTaskRequest(id="warmup", bundle="/", stdout="/o", stderr="/e")
