@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from typing import IO, Any
 
@@ -27,7 +26,6 @@ class Runc:
         self.config = config
         self.bundle = bundle
         self.namespace = namespace
-        self.state_root = os.path.join(config.root, namespace)
         self.log_path = os.path.join(bundle, "log.json")
         self._env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
 
@@ -138,8 +136,8 @@ class Runc:
     def kill(self, cid: str, sig: int, all: bool = False) -> None:
         self.run("kill", *(["--all"] if all else []), cid, str(sig))
 
-    def delete(self, cid: str, force: bool = False) -> None:
-        self.run("delete", *(["--force"] if force else []), cid)
+    def delete(self, cid: str) -> None:
+        self.run("delete", cid)
 
     def pause(self, cid: str) -> None:
         self.run("pause", cid)
@@ -155,10 +153,6 @@ class Runc:
         pids = json.loads(out or b"[]")
         return [int(p) for p in pids or []]
 
-    def exists(self, cid: str) -> bool:
-        """Whether runc still has state for `cid` (cheap: no runc process)."""
-        return os.path.exists(os.path.join(self.state_root, cid))
-
 
 def _write_all(pipe: IO[bytes], data: bytes) -> None:
     try:
@@ -171,9 +165,3 @@ def _write_all(pipe: IO[bytes], data: bytes) -> None:
         except BrokenPipeError:
             pass
 
-
-def signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return str(sig)
