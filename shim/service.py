@@ -440,8 +440,7 @@ class TaskService:
         with c.init.lock:
             # Once init is reaped (even while its exit waits for running execs) no exec
             # may start; one that is starting holds the init's exit back until it is done.
-            if c.init.exited.is_set() or c.pending_init_exit is not None or \
-                    c.init.state is not State.RUNNING:
+            if c.pending_init_exit is not None or c.init.state is not State.RUNNING:
                 raise TTRPCError(Code.FAILED_PRECONDITION,
                                  f"container {c.id} init process is not running")
             c.starting_execs += 1
@@ -489,18 +488,17 @@ class TaskService:
             if p.state not in (State.CREATED, State.STOPPED):
                 raise TTRPCError(Code.FAILED_PRECONDITION,
                                  f"cannot delete {p.name}: it is {p.state.value}")
+            if p is c.init and c.running_execs():
+                raise TTRPCError(Code.FAILED_PRECONDITION,
+                                 f"cannot delete {p.name}: execs are still running")
+            self._unwatch(p)
             if p is c.init:
-                if c.running_execs():
-                    raise TTRPCError(Code.FAILED_PRECONDITION,
-                                     f"cannot delete {p.name}: execs are still running")
-                self._unwatch(p)
                 try:
                     c.runc.delete(c.id)
                 except RuncError as e:
-                    if "does not exist" not in str(e) and "not exist" not in str(e):
+                    if "not exist" not in str(e):
                         raise TTRPCError(Code.UNKNOWN, f"delete {c.id}: {e}") from None
             else:
-                self._unwatch(p)
                 try:
                     os.unlink(os.path.join(c.bundle, f"{p.exec_id}.pid"))
                 except OSError:
@@ -535,10 +533,7 @@ class TaskService:
             raise TTRPCError(Code.INVALID_ARGUMENT, f"invalid exec id {req.exec_id!r}")
         init = self._process(req.id, "")
         with init.lock:
-            init.life.check("exec")
-            if init.exited.is_set():
-                raise TTRPCError(Code.FAILED_PRECONDITION,
-                                 f"cannot exec in container {c.id}: it is stopped")
+            init.life.check("exec")  # a stopped init is refused here
             if req.exec_id in c.execs:
                 raise TTRPCError(Code.ALREADY_EXISTS, f"id {req.exec_id}: already exists")
             p = Process(c, req.exec_id, req.stdin, req.stdout, req.stderr, req.terminal)
@@ -582,7 +577,7 @@ class TaskService:
         with p.lock:
             if p.state is State.CREATED:
                 raise TTRPCError(Code.FAILED_PRECONDITION, f"{p.name}: process not created")
-            if p.exited.is_set() or p.state is not State.RUNNING:
+            if p.state is not State.RUNNING:
                 raise not_found(f"{p.name}: process already finished")
             try:
                 os.kill(p.pid, req.signal)
