@@ -631,7 +631,7 @@ class TaskService:
                 else:
                     c.runc.resume(c.id)
             except RuncError as e:
-                p.life.state = State.RUNNING if op == "pause" else State.PAUSED
+                p.life.apply(f"{op}_failed")
                 raise TTRPCError(Code.UNKNOWN, f"{op} container {c.id}: {e}") from None
             if op == "pause":
                 p.life.apply("paused")

@@ -23,7 +23,8 @@ class State(enum.Enum):
 
 
 # (state, operation) -> next state. An operation that keeps the state maps to it.
-# "exit" is not a request but the reaper reporting the process gone.
+# "exit" is not a request but the reaper reporting the process gone; "pause_failed" and
+# "resume_failed" undo a pause or resume whose runc call failed.
 TRANSITIONS: dict[tuple[State, str], State] = {
     (State.CREATED, "start"): State.RUNNING,
     (State.CREATED, "kill"): State.CREATED,
@@ -37,6 +38,7 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.RUNNING, "update"): State.RUNNING,
     (State.RUNNING, "checkpoint"): State.RUNNING,
     (State.RUNNING, "exit"): State.STOPPED,
+    (State.RUNNING, "resume_failed"): State.PAUSED,
     (State.PAUSING, "paused"): State.PAUSED,
     (State.PAUSING, "pause_failed"): State.RUNNING,
     (State.PAUSING, "kill"): State.PAUSING,

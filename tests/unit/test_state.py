@@ -39,3 +39,14 @@ def test_check_does_not_change_state():
     life = Lifecycle()
     life.check("start")
     assert life.state is State.CREATED
+
+
+def test_a_failed_pause_or_resume_goes_back():
+    life = Lifecycle()
+    life.apply("start")
+    life.apply("pause")
+    assert life.apply("pause_failed") is State.RUNNING
+    life.apply("pause")
+    life.apply("paused")
+    life.apply("resume")
+    assert life.apply("resume_failed") is State.PAUSED
