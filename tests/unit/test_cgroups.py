@@ -398,9 +398,12 @@ def test_live_v1_cgroup_for_a_child():
             os.mkdir(d)
             made.append(d)
         procs = [os.path.join(d, "cgroup.procs") for d in made]
-        # The child moves itself before exec, so what sleep touches is charged here.
+        # The child moves itself before exec, so what sleep touches is charged here; it
+        # spins a little first, so that cpuacct has CPU time to report (without it, the
+        # usage read 0 in about one run of fifteen).
         child = subprocess.Popen(
-            ["sh", "-c", 'for f in "$@"; do echo $$ > "$f"; done; exec sleep 60', "sh", *procs])
+            ["sh", "-c", 'for f in "$@"; do echo $$ > "$f"; done; i=0; '
+                         'while [ $i -lt 20000 ]; do i=$((i+1)); done; exec sleep 60', "sh", *procs])
         wait_for_comm(child.pid, "sleep")
 
         cg = Cgroup.for_pid(child.pid)
