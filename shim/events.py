@@ -17,8 +17,12 @@ import queue
 import threading
 import time
 
+from google.protobuf.any_pb2 import Any
+from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
 
+from shim.api.envelope_pb2 import Envelope, ForwardRequest
 from shim.ttrpc import Client, Code, TTRPCError
 
 log = logging.getLogger("shim.events")
@@ -30,8 +34,7 @@ RETRY_WINDOW = 15.0  # seconds after publication an event is retried while conta
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 
 
-def timestamp_of(t: float | None):  # -> google.protobuf.Timestamp
-    from google.protobuf.timestamp_pb2 import Timestamp
+def timestamp_of(t: float | None) -> Timestamp:
     ts = Timestamp()
     if t is None:
         ts.seconds = -62135596800  # Go's zero time.Time: "not exited yet"
@@ -73,11 +76,6 @@ class Publisher:
             self._client.close()
 
     def _forward(self, topic: str, event: Message, when: float) -> None:
-        from google.protobuf.any_pb2 import Any
-
-        from shim.api.envelope_pb2 import Envelope, ForwardRequest
-        from google.protobuf.empty_pb2 import Empty
-
         request = ForwardRequest(envelope=Envelope(
             timestamp=timestamp_of(when), namespace=self._namespace, topic=topic,
             event=Any(type_url=event.DESCRIPTOR.full_name, value=event.SerializeToString()),
