@@ -107,7 +107,8 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     if is_bootstrap_params(stdin, namespace, cid):  # containerd 2.3+
         from shim.options import bootstrap_params
         socket_dir = bootstrap_params(stdin).socket_dir
-    path = address.socket_path(str(flags.get("address", "")), namespace,
+    containerd_address = str(flags.get("address", ""))
+    path = address.socket_path(containerd_address, namespace,
                                address.group_id(bundle, cid), socket_dir or address.SOCKET_DIR)
     addr = "unix://" + path
     listener = address.listen(path)
@@ -118,7 +119,6 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     from shim import zygote
     debug, containerd_pid = bool(flags.get("debug")), os.getppid()
     request = (bundle, dict(os.environ), debug, namespace, cid, stdin, containerd_pid)
-    containerd_address = str(flags.get("address", ""))
     if not zygote.handoff(containerd_address, listener, request):
         if os.fork() == 0:
             from shim import daemon

@@ -118,7 +118,6 @@ def _code_stamp() -> float:
 def serve(containerd_address: str) -> None:
     import gc
     import importlib
-    import marshal
     import select
     import signal
     import socket
@@ -190,7 +189,7 @@ def serve(containerd_address: str) -> None:
                 return  # its containerd is gone (stopped, or restarting: a start respawns it)
             if sock.fileno() in ready:
                 last_activity = time.monotonic()
-                pid = _fork_daemon(sock, marshal, (wake_r, wake_w), containerd_address,
+                pid = _fork_daemon(sock, (wake_r, wake_w), containerd_address,
                                    preloaded)
                 if pid:
                     children.add(pid)
@@ -220,9 +219,10 @@ def _remove_dead_sockets(own: str) -> None:
                 pass
 
 
-def _fork_daemon(sock, marshal, own_fds: tuple[int, ...], containerd_address: str,
+def _fork_daemon(sock, own_fds: tuple[int, ...], containerd_address: str,
                  preloaded: frozenset[str]) -> int:
     """Accept one request and fork its daemon; returns the daemon's pid (0 if none)."""
+    import marshal
     import socket
     import struct
     conn, _ = sock.accept()
@@ -288,8 +288,7 @@ def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str],
     from shim import daemon
 
     signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # SIGTERM is already SIG_DFL: serve() set it
     cwd, environ, debug, namespace, cid, start_stdin, containerd_pid = request
     _set_command_line(["containerd-shim-pyshim-v1", "-namespace", namespace,
                        "-address", containerd_address, "-id", cid])
