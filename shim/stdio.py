@@ -197,11 +197,14 @@ class ProcessIO:
     def _stdin_pipe(self) -> int:
         r, w = self._pipe()
         assert self._stdin_src is not None
+        self._start_stdin(w, False)
+        return self._for_runc(r)
+
+    def _start_stdin(self, dst: int, terminal: bool) -> None:
         # The loop owns (and closes) the FIFO now: `close` must not close it again, as
         # by then its number may belong to another process's stdio.
         src, self._stdin_src = self._stdin_src, None
-        self._start(f"{self.label} stdin", self._pump_stdin, src, w, False)
-        return self._for_runc(r)
+        self._start(f"{self.label} stdin", self._pump_stdin, src, dst, terminal)
 
     def _open_destination(self, uri: str) -> tuple[int | None, int, str]:
         """(writer or None if no reader yet, keep-alive fd, path) for a FIFO or file URI."""
@@ -344,10 +347,7 @@ class ProcessIO:
     def started(self) -> None:
         """runc has run: take the terminal (if any) and drop the shim's copies of the
         container's pipe ends, which would otherwise keep them from reaching EOF."""
-        with self._lock:
-            for fd in self._child:
-                _close(fd)
-            self._child.clear()
+        self._drop_child_fds()
         if self.terminal and self._console is None:
             try:
                 self._console = self._receive_console()
@@ -361,9 +361,7 @@ class ProcessIO:
                 self._exited = os.eventfd(0, os.EFD_CLOEXEC)
                 self._start_output(os.dup(self._console), writer, keepalive, path, self._exited)
             if self._stdin_src is not None:
-                src, self._stdin_src = self._stdin_src, None
-                self._start(f"{self.label} stdin", self._pump_stdin, src,
-                            os.dup(self._console), True)
+                self._start_stdin(os.dup(self._console), True)
 
     def _close_console_socket(self) -> None:
         if self._console_listener is not None:
@@ -422,11 +420,14 @@ class ProcessIO:
 
     def started_without_console(self) -> None:
         """Drop runc's ends and the console socket without waiting for a console."""
+        self._drop_child_fds()
+        self._close_console_socket()
+
+    def _drop_child_fds(self) -> None:
         with self._lock:
             for fd in self._child:
                 _close(fd)
             self._child.clear()
-        self._close_console_socket()
 
     def _stop_logger(self) -> None:
         child = self._logger
