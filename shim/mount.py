@@ -81,7 +81,7 @@ def mount(m: Mount, root: str) -> None:
     # common parent with relative paths, as containerd does.
     cwd = None
     if m.type == "overlay" and len(data) >= os.sysconf("SC_PAGE_SIZE") - 512:
-        data, cwd = _compact_lowerdirs(m.options)
+        data, cwd = _compact_lowerdirs(m.options, data)
     if cwd:
         old = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -97,12 +97,14 @@ def mount(m: Mount, root: str) -> None:
         _mount("", target, "", flags | MS_REMOUNT, "")
 
 
-def _compact_lowerdirs(options: list[str]) -> tuple[str, str]:
+def _compact_lowerdirs(options: list[str], data: str) -> tuple[str, str]:
+    """(`data` with the lowerdirs relative to their common parent, that parent); `data`
+    and "" when they have none."""
     lower = next((o for o in options if o.startswith("lowerdir=")), "")
     dirs = lower[len("lowerdir="):].split(":") if lower else []
     common = os.path.commonpath(dirs) if dirs else ""
     if not common or common == "/":
-        return ",".join(o for o in options if o not in _FLAGS), ""
+        return data, ""
     rel = ":".join(os.path.relpath(d, common) for d in dirs)
     rest = [o for o in options if o not in _FLAGS and not o.startswith("lowerdir=")]
     return ",".join(rest + [f"lowerdir={rel}"]), common
