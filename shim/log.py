@@ -12,6 +12,8 @@ import logging
 import os
 import time
 
+from shim.cli import RUNTIME
+
 LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
           logging.ERROR: "error", logging.CRITICAL: "fatal"}
 
@@ -72,7 +74,7 @@ def setup(debug: bool, **fields: str) -> None:
     """
     root = logging.getLogger()
     handler = next((h for h in root.handlers if isinstance(h, FDHandler)), None)
-    fields = {"runtime": "io.containerd.pyshim.v1", **fields}
+    fields = {"runtime": RUNTIME, **fields}
     if handler is None:
         handler = FDHandler(2)
         handler.setFormatter(LogrusFormatter(fields))
