@@ -15,8 +15,6 @@ End-to-end fixtures (harness: tests/e2e/harness.py). Nothing is started unless a
 
 On a failure, the containerd log lines written during the test are added to the report.
 """
-import tempfile
-
 import pytest
 
 from e2e import harness
@@ -28,17 +26,7 @@ def pytest_report_header(config):
 
 @pytest.fixture(scope="session")
 def containerd():
-    s = harness.settings()
-    workdir = tempfile.mkdtemp(prefix="pyshim-e2e-")
-    instance = harness.TestContainerd(workdir, s["runtime"], containerd=s["containerd"], ctr=s["ctr"],
-                                      log_level=s["log_level"])
-    try:
-        instance.start()
-    except BaseException:
-        instance.shutdown()
-        raise
-    yield instance
-    instance.shutdown()
+    yield from harness.session_containerd(harness.TestContainerd, "pyshim-e2e-")
 
 
 @pytest.fixture(scope="session")

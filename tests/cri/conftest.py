@@ -10,7 +10,6 @@ handler: `pyshim` for io.containerd.pyshim.v1, `runc` for io.containerd.runc.v2 
 On a failure, the containerd log lines written during the test are added to the report.
 """
 import re
-import tempfile
 from dataclasses import dataclass
 
 import pytest
@@ -21,16 +20,7 @@ from e2e import harness
 
 @pytest.fixture(scope="session")
 def cri_containerd():
-    s = harness.settings()
-    workdir = tempfile.mkdtemp(prefix="pyshim-cri-")
-    instance = CriContainerd(workdir, s["runtime"], containerd=s["containerd"], ctr=s["ctr"], log_level=s["log_level"])
-    try:
-        instance.start()
-    except BaseException:
-        instance.shutdown()
-        raise
-    yield instance
-    instance.shutdown()
+    yield from harness.session_containerd(CriContainerd, "pyshim-cri-")
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
 import time
 import uuid
@@ -54,6 +55,22 @@ def log_section(item):
 
 
 SETTLE_SECONDS = 10.0  # how long processes and mounts may take to go away after a test
+
+
+def session_containerd(cls, prefix):
+    """For a session fixture: a started `cls` (TestContainerd or a subclass) in a new work
+    directory, shut down (leaks checked) when the session ends, or at once if it fails to
+    start. Use as `yield from session_containerd(...)`."""
+    s = settings()
+    instance = cls(tempfile.mkdtemp(prefix=prefix), s["runtime"], containerd=s["containerd"],
+                   ctr=s["ctr"], log_level=s["log_level"])
+    try:
+        instance.start()
+    except BaseException:
+        instance.shutdown()
+        raise
+    yield instance
+    instance.shutdown()
 
 
 def settings():
@@ -104,12 +121,6 @@ class TestContainerd(PrivateContainerd):
         """A container id unique in this session, readable in logs: `<hint>-<n>`."""
         self._ids += 1
         return f"{re.sub(r'[^A-Za-z0-9]+', '-', hint)[:40].strip('-') or 'c'}-{self._ids}"
-
-    def new_namespace(self):
-        """Another containerd namespace whose runc state and cgroups the leak check watches."""
-        namespace = f"{self.namespace}-{len(self.owned_namespaces)}"
-        self.owned_namespaces.append(namespace)
-        return namespace
 
     # -- tasks --------------------------------------------------------------------------------
 
