@@ -89,9 +89,9 @@ def namespace_cgroups(namespace):
     return [root / namespace for root in cgroup_roots() if (root / namespace).is_dir()]
 
 
-def remove_namespace_dirs(namespace, runc_roots=()):
+def remove_namespace_dirs(namespace):
     """Remove the per-namespace runc state and cgroup directories if they are empty."""
-    for directory in [RUNC_V2_ROOT / namespace, *runc_roots, *namespace_cgroups(namespace)]:
+    for directory in [RUNC_V2_ROOT / namespace, *namespace_cgroups(namespace)]:
         try:
             os.rmdir(directory)
         except FileNotFoundError:
@@ -265,12 +265,12 @@ class PrivateContainerd:
             f.seek(self._log_start)
             return [line.rstrip("\n") for line in f if line.startswith("subreaper: killing leftover")]
 
-    def cleanup(self, namespaces=(), runc_roots=()):
+    def cleanup(self, namespaces=()):
         """After stop(): unmount what is left under workdir, remove per-namespace dirs; return the
         mount points that had to be unmounted."""
         left = unmount_under(self.workdir)
         for namespace in namespaces:
-            remove_namespace_dirs(namespace, runc_roots)
+            remove_namespace_dirs(namespace)
         return left
 
     # -- ctr ------------------------------------------------------------------------------------
