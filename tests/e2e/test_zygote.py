@@ -6,6 +6,7 @@ import time
 import psutil
 import pytest
 
+from e2e.shims import shim_pid, wait_until
 from shim import zygote
 from shim.address import is_live
 
@@ -22,10 +23,16 @@ def zygotes(containerd):
     return found
 
 
+def the_zygote(containerd):
+    """This containerd's one zygote, once there is one (a start may still be spawning it)."""
+    wait_until(lambda: zygotes(containerd), what="a zygote")
+    [z] = zygotes(containerd)
+    return z
+
+
 def shim_of(containerd, cid):
-    """The shim daemon process serving `cid` (the parent of its init)."""
-    pid, _ = containerd.tasks()[cid]
-    return psutil.Process(pid).parent()
+    """The shim daemon process serving `cid`."""
+    return psutil.Process(shim_pid(containerd, cid))
 
 
 @pytest.fixture
@@ -50,10 +57,7 @@ def remove(ctr, cid):
 
 def test_later_shims_are_forked_by_the_zygote(pyshim_only, containerd, ctr, run, cid):
     assert run("true").rc == 0  # leaves a zygote behind if none was running
-    deadline = time.monotonic() + 10
-    while not zygotes(containerd) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    [z] = zygotes(containerd)
+    z = the_zygote(containerd)
     start_sleeper(containerd, ctr, cid)
     try:
         assert shim_of(containerd, cid).ppid() == z.pid
@@ -63,9 +67,7 @@ def test_later_shims_are_forked_by_the_zygote(pyshim_only, containerd, ctr, run,
 
 def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
     assert run("true").rc == 0
-    deadline = time.monotonic() + 10
-    while not zygotes(containerd) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: zygotes(containerd), what="a zygote")
     start_sleeper(containerd, ctr, cid)
     shim = shim_of(containerd, cid)
     for z in zygotes(containerd):
@@ -80,10 +82,7 @@ def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
     remove(ctr, cid)
     assert run("echo", "next").stdout == "next\n"  # and new containers still start
     # ...and the next zygote takes over the address (the dead socket is replaced).
-    deadline = time.monotonic() + 10
-    while not zygotes(containerd) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    [z] = zygotes(containerd)
+    z = the_zygote(containerd)
     assert is_live(killed_socket, socket.SOCK_SEQPACKET)
 
 
@@ -97,26 +96,17 @@ def test_a_new_zygote_removes_dead_zygote_sockets(pyshim_only, containerd, run, 
         z.kill()
         z.wait(5)
     assert run("true").rc == 0
-    deadline = time.monotonic() + 10
-    while os.path.exists(dead) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not os.path.exists(dead)
+    wait_until(lambda: not os.path.exists(dead), what="the dead socket removed")
 
 
 def test_an_idle_zygote_exits_on_its_own(pyshim_only, containerd, run):
     assert run("true").rc == 0
-    deadline = time.monotonic() + zygote.IDLE_SECONDS + 5
-    while zygotes(containerd) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not zygotes(containerd)
+    wait_until(lambda: not zygotes(containerd), zygote.IDLE_SECONDS + 5, "the idle zygote gone")
 
 
 def test_the_zygote_goes_with_its_containerd(pyshim_only, containerd, ctr, run, cid):
     assert run("true").rc == 0
-    deadline = time.monotonic() + 10
-    while not zygotes(containerd) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    [z] = zygotes(containerd)
+    z = the_zygote(containerd)
     start_sleeper(containerd, ctr, cid)
     shim = shim_of(containerd, cid)
     with containerd.killed():
@@ -131,10 +121,7 @@ def test_a_forked_shim_imports_nothing_the_zygote_lacks(pyshim_only, containerd,
     """An import in a forked daemon costs it private memory: the zygote preloads
     daemon.MODULES, and a daemon warns at exit about any module it had to import."""
     assert run("true").rc == 0
-    deadline = time.monotonic() + 10
-    while not zygotes(containerd) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    [z] = zygotes(containerd)
+    z = the_zygote(containerd)
     offset = containerd.log_path.stat().st_size
     start_sleeper(containerd, ctr, cid)
     shim = shim_of(containerd, cid)
