@@ -42,6 +42,7 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
@@ -128,6 +129,7 @@ class Bench:
         self.runs = runs
         self.containers = containers
         self.ksm = ksm
+        self.tag = ", ksmd" if ksm else ""  # in the names of memory rows
         self.results: dict[str, dict[str, float]] = {}
         self.seq = 0
 
@@ -141,17 +143,30 @@ class Bench:
     def record(self, metric: str, runtime: str, value: float) -> None:
         self.results.setdefault(metric, {})[runtime] = value
 
-    def lifecycle(self) -> None:
+    def interleaved(self, metric: str, measure: Callable[[str, int], float]) -> None:
+        """Record the median and p90 of `measure(runtime, round)` (seconds), taken for the
+        runtimes in turn (A B, then B A, …) over runs + 2 rounds; the first two warm caches."""
         samples: dict[str, list[float]] = {r: [] for r in RUNTIMES}
         for i in range(self.runs + 2):
             for runtime in (RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]):
-                t = timed(self.ctr("run", "--rm", "--runtime", runtime, DEFAULT_REF,
-                                   self.new_id("life"), "/bin/true"), self.env)
-                if i >= 2:  # the first rounds warm caches
+                t = measure(runtime, i)
+                if i >= 2:
                     samples[runtime].append(t)
         for runtime, values in samples.items():
-            self.record("lifecycle median (ms)", runtime, statistics.median(values) * 1e3)
-            self.record("lifecycle p90 (ms)", runtime, pct(values, 0.9) * 1e3)
+            self.record(f"{metric} median (ms)", runtime, statistics.median(values) * 1e3)
+            self.record(f"{metric} p90 (ms)", runtime, pct(values, 0.9) * 1e3)
+
+    def settled_memory(self, runtime: str, address: str) -> tuple[int, int]:
+        """(RSS, PSS) in KiB of `runtime`'s shims, once start-up garbage (and ksmd) settled."""
+        time.sleep(1.0)
+        if self.ksm:
+            ksm_settle()
+        return memory_kib(shim_pids(runtime, address))
+
+    def lifecycle(self) -> None:
+        self.interleaved("lifecycle", lambda runtime, _: timed(
+            self.ctr("run", "--rm", "--runtime", runtime, DEFAULT_REF, self.new_id("life"),
+                     "/bin/true"), self.env))
 
     def start_detached(self, runtime: str, cid: str) -> None:
         timed(self.ctr("run", "-d", "--runtime", runtime, DEFAULT_REF, cid, "sleep", "100000"),
@@ -175,19 +190,12 @@ class Bench:
         cids = {r: self.new_id("exec") for r in RUNTIMES}
         for runtime, cid in cids.items():
             self.start_detached(runtime, cid)
-        samples: dict[str, list[float]] = {r: [] for r in RUNTIMES}
         try:
-            for i in range(self.runs + 2):
-                for runtime in (RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]):
-                    t = timed(self.ctr("task", "exec", "--exec-id", f"x{i}", cids[runtime],
-                                       "/bin/true"), self.env)
-                    if i >= 2:
-                        samples[runtime].append(t)
+            self.interleaved("exec", lambda runtime, i: timed(
+                self.ctr("task", "exec", "--exec-id", f"x{i}", cids[runtime], "/bin/true"),
+                self.env))
         finally:
             self.remove(list(cids.values()))
-        for runtime, values in samples.items():
-            self.record("exec median (ms)", runtime, statistics.median(values) * 1e3)
-            self.record("exec p90 (ms)", runtime, pct(values, 0.9) * 1e3)
 
     def memory(self, count: int) -> None:
         for runtime in RUNTIMES:
@@ -195,15 +203,13 @@ class Bench:
             try:
                 for cid in cids:
                     self.start_detached(runtime, cid)
-                time.sleep(1.0)  # let start-up garbage settle
-                if self.ksm:
-                    ksm_settle()
-                rss, pss = memory_kib(shim_pids(runtime, self.c.address))
+                rss, pss = self.settled_memory(runtime, self.c.address)
             finally:
                 self.remove(cids)
-            tag = ", ksmd" if self.ksm else ""
-            self.record(f"RSS per container, {count} running{tag} (MiB)", runtime, rss / 1024 / count)
-            self.record(f"PSS per container, {count} running{tag} (MiB)", runtime, pss / 1024 / count)
+            self.record(f"RSS per container, {count} running{self.tag} (MiB)", runtime,
+                        rss / 1024 / count)
+            self.record(f"PSS per container, {count} running{self.tag} (MiB)", runtime,
+                        pss / 1024 / count)
 
     def concurrent(self) -> None:
         walls: dict[str, list[float]] = {r: [] for r in RUNTIMES}
@@ -249,20 +255,15 @@ class Bench:
                     c.cri.stop_pod_sandbox(sandbox)
                     c.cri.remove_pod_sandbox(sandbox)
 
-            samples: dict[str, list[float]] = {r: [] for r in RUNTIMES}
-            for i in range(self.runs + 2):
-                for runtime in (RUNTIMES if i % 2 == 0 else RUNTIMES[::-1]):
-                    start = time.perf_counter()
-                    sandbox = run_pod(runtime, self.seq)
-                    elapsed = time.perf_counter() - start
-                    self.seq += 1
-                    remove([sandbox])
-                    if i >= 2:
-                        samples[runtime].append(elapsed)
-            for runtime, values in samples.items():
-                self.record("CRI pod + container start median (ms)", runtime,
-                            statistics.median(values) * 1e3)
-                self.record("CRI pod + container start p90 (ms)", runtime, pct(values, 0.9) * 1e3)
+            def pod_start(runtime: str, _: int) -> float:
+                start = time.perf_counter()
+                sandbox = run_pod(runtime, self.seq)
+                elapsed = time.perf_counter() - start
+                self.seq += 1
+                remove([sandbox])
+                return elapsed
+
+            self.interleaved("CRI pod + container start", pod_start)
             pods = max(1, self.containers // 2)
             for runtime in RUNTIMES:
                 sandboxes = []
@@ -270,14 +271,11 @@ class Bench:
                     for _ in range(pods):
                         sandboxes.append(run_pod(runtime, self.seq))
                         self.seq += 1
-                    time.sleep(1.0)
-                    if self.ksm:
-                        ksm_settle()
-                    _, pss = memory_kib(shim_pids(runtime, c.address))
+                    _, pss = self.settled_memory(runtime, c.address)
                 finally:
                     remove(sandboxes)
-                tag = ", ksmd" if self.ksm else ""
-                self.record(f"PSS per pod, {pods} running{tag} (MiB)", runtime, pss / 1024 / pods)
+                self.record(f"PSS per pod, {pods} running{self.tag} (MiB)", runtime,
+                            pss / 1024 / pods)
         finally:
             c.shutdown()  # raises if anything was left behind
 
