@@ -103,10 +103,9 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     bundle = os.getcwd()
     stdin = _read_stdin()
     socket_dir = ""
-    from shim.wire import is_bootstrap_params
+    from shim.wire import bootstrap_socket_dir, is_bootstrap_params
     if is_bootstrap_params(stdin, namespace, cid):  # containerd 2.3+
-        from shim.options import bootstrap_params
-        socket_dir = bootstrap_params(stdin).socket_dir
+        socket_dir = bootstrap_socket_dir(stdin)
     containerd_address = str(flags.get("address", ""))
     path = address.socket_path(containerd_address, namespace,
                                address.group_id(bundle, cid), socket_dir or address.SOCKET_DIR)

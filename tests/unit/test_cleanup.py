@@ -51,3 +51,29 @@ def test_bootstrap_params_are_told_from_an_any():
     long_id = "x" * 200  # multi-byte length prefix
     long_params = BootstrapParams(instance_id=long_id, namespace="default")
     assert is_bootstrap_params(long_params.SerializeToString(), "default", long_id)
+
+
+@pytest.mark.parametrize("socket_dir", [None, "", "/run/containerd/s2", "/run/" + "x" * 300])
+def test_start_reads_socket_dir_as_protobuf_does(socket_dir):
+    # `start` reads BootstrapParams.socket_dir by hand (shim/wire.py), without protobuf.
+    from google.protobuf.any_pb2 import Any
+
+    from shim.api.bootstrap_pb2 import BootstrapParams, Extension, LOG_LEVEL_DEBUG
+    from shim.api.runc_options_pb2 import Options
+    from shim.wire import bootstrap_socket_dir
+    params = BootstrapParams(instance_id="c1", namespace="default", log_level=LOG_LEVEL_DEBUG,
+                             containerd_version="2.3.0", containerd_binary="/usr/bin/containerd",
+                             extensions=[Extension(value=Any(type_url="x", value=Options(
+                                 binary_name="/run/socket_dir/decoy").SerializeToString()))])
+    if socket_dir is not None:
+        params.socket_dir = socket_dir
+    data = params.SerializeToString()
+    assert bootstrap_socket_dir(data) == BootstrapParams.FromString(data).socket_dir
+
+
+def test_start_refuses_a_truncated_bootstrap_params():
+    from shim.api.bootstrap_pb2 import BootstrapParams
+    from shim.wire import bootstrap_socket_dir
+    data = BootstrapParams(instance_id="c1", namespace="default", socket_dir="/run/x").SerializeToString()
+    with pytest.raises(ValueError):
+        bootstrap_socket_dir(data[:-2])
