@@ -38,7 +38,8 @@ class FakeEvents:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen()
-        threading.Thread(target=self.server.serve, args=(self.listener,), daemon=True).start()
+        self.thread = threading.Thread(target=self.server.serve, args=(self.listener,), daemon=True)
+        self.thread.start()
 
     def forward(self, req, ctx):
         self.received.append(req.envelope)
@@ -46,7 +47,10 @@ class FakeEvents:
         return Empty()
 
     def close(self):
+        # Wait for serve() to close its sockets: closed later, they would change the open
+        # fds that the next tests (test_oom.py) compare before and after.
         self.server.shutdown()
+        self.thread.join(10)
 
 
 def test_event_published_while_containerd_is_away_arrives_when_it_is_back(tmp_dir):
