@@ -12,27 +12,23 @@ from __future__ import annotations
 import logging
 import os
 
+from shim.cgroups import CGROUP_ROOT, parse_mountinfo
+
 log = logging.getLogger("shim.placement")
 
-CGROUP_ROOT = "/sys/fs/cgroup"
 OOM_SCORE_MAX = 1000
 
 
 def _hierarchies(root: str = CGROUP_ROOT) -> list[str]:
     """The cgroup mount points: the root itself on a unified (v2) host, else each v1
     controller hierarchy mounted under it."""
-    found = []
     try:
         with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                fstype, mountpoint = fields[sep + 1], fields[4]
-                if fstype in ("cgroup", "cgroup2") and mountpoint.startswith(root):
-                    found.append(mountpoint)
-    except (OSError, ValueError):
-        pass
-    return found
+            text = f.read()
+    except OSError:
+        return []
+    return [m.mount_point for m in parse_mountinfo(text)
+            if m.fstype in ("cgroup", "cgroup2") and m.mount_point.startswith(root)]
 
 
 def join_cgroup(pid: int, path: str) -> None:
