@@ -26,6 +26,9 @@ class Options:
     shim_cgroup: str = ""
 
 
+DEFAULT = Options(RuncConfig())  # for no options, or options of a type we do not know
+
+
 def decode(type_url: str, value: bytes, context: str) -> Options:
     """Options from an Any's parts; defaults for an empty or unknown Any."""
     name = type_url.rsplit("/", 1)[-1]
@@ -49,7 +52,7 @@ def decode(type_url: str, value: bytes, context: str) -> Options:
         return from_table(_load_table(r.config_body, r.config_path, context), context)
     if name:
         log.info("%s: ignoring runtime options of type %s", context, name)
-    return Options(RuncConfig())
+    return DEFAULT
 
 
 # The keys of CRI's options table (the runc shim's TOML names) -> RuncConfig fields.
@@ -91,14 +94,14 @@ def from_table(table: dict, context: str) -> Options:
 def decode_any_bytes(data: bytes, context: str) -> Options:
     """Options from a serialized google.protobuf.Any (start's stdin)."""
     if not data:
-        return Options(RuncConfig())
+        return DEFAULT
     from google.protobuf.any_pb2 import Any
     from google.protobuf.message import DecodeError
     try:
         a = Any.FromString(data)
     except DecodeError:
         log.warning("%s: runtime options on stdin are not a protobuf Any; ignored", context)
-        return Options(RuncConfig())
+        return DEFAULT
     return decode(a.type_url, a.value, context)
 
 
@@ -112,7 +115,7 @@ def from_start_stdin(data: bytes, namespace: str, cid: str) -> Options:
     BootstrapParams with the options inside `extensions`."""
     context = f"start {cid}"
     if not data:
-        return Options(RuncConfig())
+        return DEFAULT
     from google.protobuf.message import DecodeError
     try:
         params = bootstrap_params(data)
@@ -121,7 +124,7 @@ def from_start_stdin(data: bytes, namespace: str, cid: str) -> Options:
     if params is not None and params.instance_id == cid and params.namespace == namespace:
         for ext in params.extensions:
             found = decode(ext.value.type_url, ext.value.value, context)
-            if found.shim_cgroup or found.runc != RuncConfig():
+            if found != DEFAULT:
                 return found
-        return Options(RuncConfig())
+        return DEFAULT
     return decode_any_bytes(data, context)
