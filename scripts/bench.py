@@ -20,7 +20,7 @@ machine's drift hits both alike; what counts is the ratio pyshim / runc-v2:
                      [--only METRIC,...] [--ksm]
 
 --ksm runs ksmd (/sys/kernel/mm/ksm/run = 1, restored afterwards) and opts pyshim into
-same-page merging (PYSHIM_KSM=1, see shim/prefork.py); memory is then measured once
+same-page merging (PYSHIM_KSM=1, see shim/binary/prefork.py); memory is then measured once
 the merging has settled (ksmd needs tens of seconds for 20 shims).
 
 Prints one table and writes JSON (default bench-results.json). Needs root; run it on

@@ -34,7 +34,7 @@ def launcher_text() -> str:
             "# containerd-shim-pyshim-v1: written by scripts/install_shim.py\n"
             "import sys\n"
             f"sys.path[:0] = {paths!r}\n"
-            "from shim.cli import run\n"
+            "from shim.binary.cli import run\n"
             "run()\n")
 
 

@@ -173,7 +173,7 @@ class TestContainerd(PrivateContainerd):
     def find_leaks(self, allow_idle_zygote=True):
         """What is left that a finished test should not leave, one line per item.
 
-        pyshim's zygote (shim/zygote.py) outlives a test by design, but only while idle:
+        pyshim's zygote (shim/binary/zygote.py) outlives a test by design, but only while idle:
         it exits on its own a few seconds after its last shim, so between tests it is
         allowed when it has no children; at the end of the session it must be gone."""
         if not self.running():

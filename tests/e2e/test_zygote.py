@@ -1,4 +1,4 @@
-"""The zygote (shim/zygote.py): shims forked from a warmed interpreter, never dependent on it."""
+"""The zygote (shim/binary/zygote.py): shims forked from a warmed interpreter, never dependent on it."""
 import os
 import socket
 import time
@@ -7,8 +7,8 @@ import psutil
 import pytest
 
 from e2e.shims import shim_pid, wait_until
-from shim import zygote
-from shim.address import is_live
+from shim.binary import zygote
+from shim.binary.address import is_live
 
 
 def zygotes(containerd):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.cgroups import is_unified, parse_mountinfo
+from shim.linux.cgroups import is_unified, parse_mountinfo
 
 
 def v1_mount_points() -> dict[str, str]:

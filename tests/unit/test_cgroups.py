@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from shim import cgroups
+from shim.linux import cgroups
 from shim.api import cgroups_v1_pb2 as v1
 from shim.api import cgroups_v2_pb2 as v2
-from shim.cgroups import (
+from shim.linux.cgroups import (
     MAX_UINT32,
     MAX_UINT64,
     Cgroup,

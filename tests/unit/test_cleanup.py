@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from shim.api.task_pb2 import DeleteResponse
-from shim.wire import delete_response
+from shim.binary.wire import delete_response
 
 
 @pytest.mark.parametrize("pid,status,ns", [
@@ -23,7 +23,7 @@ def test_delete_response_matches_protobuf(pid, status, ns):
 
 
 def test_delete_of_an_unknown_bundle_is_idempotent(tmp_path):
-    argv = [sys.executable, "-m", "shim.cli", "-namespace", "default", "-address", "/x",
+    argv = [sys.executable, "-m", "shim.binary.cli", "-namespace", "default", "-address", "/x",
             "-id", "gone", "-bundle", str(tmp_path), "delete"]
     for _ in range(2):
         result = subprocess.run(argv, capture_output=True, cwd=tmp_path, timeout=30)
@@ -38,7 +38,7 @@ def test_bootstrap_params_are_told_from_an_any():
 
     from shim.api.bootstrap_pb2 import BootstrapParams
     from shim.api.runc_options_pb2 import Options
-    from shim.wire import is_bootstrap_params
+    from shim.binary.wire import is_bootstrap_params
 
     params = BootstrapParams(instance_id="c1", namespace="default", containerd_version="2.3.0")
     params.extensions.add().value.CopyFrom(Any(type_url="containerd.runc.v1.Options",
@@ -55,12 +55,12 @@ def test_bootstrap_params_are_told_from_an_any():
 
 @pytest.mark.parametrize("socket_dir", [None, "", "/run/containerd/s2", "/run/" + "x" * 300])
 def test_start_reads_socket_dir_as_protobuf_does(socket_dir):
-    # `start` reads BootstrapParams.socket_dir by hand (shim/wire.py), without protobuf.
+    # `start` reads BootstrapParams.socket_dir by hand (shim/binary/wire.py), without protobuf.
     from google.protobuf.any_pb2 import Any
 
     from shim.api.bootstrap_pb2 import BootstrapParams, Extension, LOG_LEVEL_DEBUG
     from shim.api.runc_options_pb2 import Options
-    from shim.wire import bootstrap_socket_dir
+    from shim.binary.wire import bootstrap_socket_dir
     params = BootstrapParams(instance_id="c1", namespace="default", log_level=LOG_LEVEL_DEBUG,
                              containerd_version="2.3.0", containerd_binary="/usr/bin/containerd",
                              extensions=[Extension(value=Any(type_url="x", value=Options(
@@ -73,7 +73,7 @@ def test_start_reads_socket_dir_as_protobuf_does(socket_dir):
 
 def test_start_refuses_a_truncated_bootstrap_params():
     from shim.api.bootstrap_pb2 import BootstrapParams
-    from shim.wire import bootstrap_socket_dir
+    from shim.binary.wire import bootstrap_socket_dir
     data = BootstrapParams(instance_id="c1", namespace="default", socket_dir="/run/x").SerializeToString()
     with pytest.raises(ValueError):
         bootstrap_socket_dir(data[:-2])

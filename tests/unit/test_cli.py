@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from shim import address
-from shim.cli import UsageError, parse
+from shim.binary import address
+from shim.binary.cli import UsageError, parse
 
 
 def test_start_argv_of_containerd():
@@ -82,7 +82,7 @@ def test_start_does_not_import_json_for_a_pod(tmp_path):
     # The grouping annotation is found without the json module (and re) in `start`'s path.
     (tmp_path / "config.json").write_text(json.dumps(
         {"annotations": {"io.kubernetes.cri.sandbox-id": "pod1"}, "process": {"args": ["x"]}}))
-    code = (f"import sys; sys.path[:0] = {sys.path!r}; from shim import address; "
+    code = (f"import sys; sys.path[:0] = {sys.path!r}; from shim.binary import address; "
             f"print(address.group_id({str(tmp_path)!r}, 'c1'), 'json' in sys.modules, 're' in sys.modules)")
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
                          timeout=30)

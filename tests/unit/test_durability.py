@@ -11,12 +11,13 @@ import pytest
 from google.protobuf.any_pb2 import Any
 from google.protobuf.empty_pb2 import Empty
 
-from shim import cleanup, events
+from shim.binary import cleanup
+from shim.task import events
 from shim.api.envelope_pb2 import ForwardRequest
 from shim.api.events_pb2 import TaskExit
 from shim.api.introspection_pb2 import RuntimeInfo
 from shim.api.runc_options_pb2 import Options as RuncOptions
-from shim.info import FEATURES_TYPE_URL, runtime_info
+from shim.binary.info import FEATURES_TYPE_URL, runtime_info
 from shim.ttrpc import Server
 
 

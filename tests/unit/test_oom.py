@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.cgroups import Cgroup
-from shim.oom import OOMWatcher, read_oom_kills
+from shim.linux.cgroups import Cgroup
+from shim.linux.oom import OOMWatcher, read_oom_kills
 
 from live_cgroups import live_v1, rmdir_retry, v1_mount_points
 
@@ -213,7 +213,7 @@ def test_v2_remove_stops_events(fake_v2, tmp_path_factory):
 
 
 def test_callback_exceptions_are_logged_and_the_thread_survives(fake_v2, caplog):
-    caplog.set_level(logging.ERROR, logger="shim.oom")
+    caplog.set_level(logging.ERROR, logger="shim.linux.oom")
     events = Events()
     calls = []
 
@@ -233,7 +233,7 @@ def test_callback_exceptions_are_logged_and_the_thread_survives(fake_v2, caplog)
         assert events.next() == "c1"
     finally:
         w.close()
-    assert any(r.name == "shim.oom" and r.exc_info and "boom" in str(r.exc_info[1])
+    assert any(r.name == "shim.linux.oom" and r.exc_info and "boom" in str(r.exc_info[1])
                for r in caplog.records)
 
 

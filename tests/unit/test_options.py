@@ -2,11 +2,11 @@
 
 from google.protobuf.any_pb2 import Any
 
-from shim import options
+from shim.runtime import options
 from shim.api.runc_options_pb2 import Options as RuncOptions
 from shim.api.runctypes_pb2 import CreateOptions
 from shim.api.runtimeoptions_pb2 import Options as RuntimeOptions
-from shim.runc_config import RuncConfig
+from shim.runtime.config import RuncConfig
 
 
 def test_runc_options():

@@ -1,4 +1,4 @@
-"""shim/prefork.py: the zygote's heaps are packed before it forks daemons.
+"""shim/binary/prefork.py: the zygote's heaps are packed before it forks daemons.
 
 Each check runs in a fresh interpreter, so that the filling does not stay in pytest's.
 """
@@ -13,7 +13,7 @@ import pytest
 # between used ones, as a zygote's heap has after its imports.
 FRAGMENT = """
 import ctypes, re, sys
-from shim import prefork
+from shim.binary import prefork
 big = [bytearray(1500 + i % 700) for i in range(400)]      # malloc'd (over 512 bytes)
 small = [bytes(100 + i % 300) for i in range(20000)]        # pymalloc'd
 del big[::2], small[::2]

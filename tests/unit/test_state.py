@@ -2,7 +2,7 @@
 
 import pytest
 
-from shim.state import Lifecycle, State, next_state
+from shim.task.state import Lifecycle, State, next_state
 from shim.ttrpc import Code, TTRPCError
 
 

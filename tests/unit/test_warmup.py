@@ -1,4 +1,4 @@
-"""shim/warmup.py: the zygote's rehearsal leaves nothing behind."""
+"""shim/binary/warmup.py: the zygote's rehearsal leaves nothing behind."""
 
 import subprocess
 import sys
@@ -9,7 +9,7 @@ def test_rehearsal_runs_clean():
     # (every `true` was waited for) and no thread runs, so the zygote forks cleanly.
     code = """
 import os, threading
-from shim import warmup
+from shim.binary import warmup
 warmup.rehearse()
 try:
     os.waitpid(-1, os.WNOHANG)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 
-from shim.libc import check, libc
+from shim.linux.libc import check, libc
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2

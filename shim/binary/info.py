@@ -19,9 +19,9 @@ def runtime_info(stdin: bytes, name: str, version: str) -> bytes:
     from google.protobuf.any_pb2 import Any
     from google.protobuf.message import DecodeError
 
-    from shim import options
+    from shim.runtime import options
     from shim.api.introspection_pb2 import RuntimeInfo, RuntimeVersion
-    from shim.runc_config import RuncConfig
+    from shim.runtime.config import RuncConfig
 
     info = RuntimeInfo(name=name, version=RuntimeVersion(version=version))
     config = RuncConfig()

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import os
 
-from shim.cgroups import CGROUP_ROOT, parse_mountinfo
+from shim.linux.cgroups import CGROUP_ROOT, parse_mountinfo
 
-log = logging.getLogger("shim.placement")
+log = logging.getLogger("shim.linux.placement")
 
 OOM_SCORE_MAX = 1000
 

@@ -29,10 +29,10 @@ import struct
 import threading
 from typing import Callable
 
-from shim.cgroups import Cgroup
-from shim.libc import check, libc
+from shim.linux.cgroups import Cgroup
+from shim.linux.libc import check, libc
 
-log = logging.getLogger("shim.oom")
+log = logging.getLogger("shim.linux.oom")
 
 # <sys/inotify.h>
 IN_MODIFY = 0x00000002

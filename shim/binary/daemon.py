@@ -1,6 +1,6 @@
 """The long-lived shim process: serves the task API, reaps, and holds the containers' stdio.
 
-It is forked, not exec'd: from the zygote (shim/zygote.py), or from `start` when no
+It is forked, not exec'd: from the zygote (shim/binary/zygote.py), or from `start` when no
 zygote runs; either way it inherits the listening socket `start` bound and skips a
 second interpreter start-up. The main thread runs the reaper (Python only delivers
 signals, SIGCHLD included, to the main thread); the ttrpc server runs in threads.
@@ -14,8 +14,8 @@ import signal
 import sys
 import threading
 
-from shim import log as shimlog
-from shim.reaper import set_child_subreaper
+from shim.binary import log as shimlog
+from shim.linux.reaper import set_child_subreaper
 
 TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 
@@ -25,13 +25,13 @@ TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 # walk the import machinery's shared pages too (0.4 MiB per daemon when these were
 # missing). A daemon warns at exit about any module the zygote did not have.
 MODULES = (
-    "shim.daemon", "shim.events", "shim.service", "shim.ttrpc", "shim.placement",
+    "shim.binary.daemon", "shim.task.events", "shim.task.service", "shim.ttrpc", "shim.linux.placement",
     "shim.api.envelope_pb2", "shim.api.runc_options_pb2", "shim.api.runctypes_pb2",
     "shim.api.runtimeoptions_pb2", "google.protobuf.any_pb2", "google.protobuf.empty_pb2",
     "google.protobuf.timestamp_pb2", "ctypes", "fcntl", "json", "struct", "termios", "tomllib",
 )
 
-log = logging.getLogger("shim.daemon")
+log = logging.getLogger("shim.binary.daemon")
 
 
 def detach(debug: bool, namespace: str, cid: str) -> None:
@@ -69,9 +69,10 @@ def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *
           start_stdin: bytes = b"", containerd_pid: int = 0,
           preloaded: frozenset[str] = frozenset()) -> None:
     """Run the daemon until Shutdown with no containers left (or SIGTERM)."""
-    from shim import options, placement
-    from shim.events import Publisher
-    from shim.service import TaskService
+    from shim.runtime import options
+    from shim.linux import placement
+    from shim.task.events import Publisher
+    from shim.task.service import TaskService
     from shim.ttrpc import Server
 
     # Where containerd's runc shim puts itself: ShimCgroup, and an OOM score one above

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from shim.cli import RUNTIME
+from shim import RUNTIME
 
 LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning",
           logging.ERROR: "error", logging.CRITICAL: "fatal"}

@@ -27,17 +27,17 @@ SPAWNS = 3
 def rehearse() -> None:
     from google.protobuf.any_pb2 import Any
 
-    from shim import options
+    from shim.runtime import options
     from shim.api import events_pb2 as ev
     from shim.api import task_pb2 as pb
     from shim.api.envelope_pb2 import Envelope, ForwardRequest
-    from shim.cgroups import Cgroup
-    from shim.events import timestamp_of
-    from shim.libc import libc
-    from shim.runc_config import RuncConfig
+    from shim.linux.cgroups import Cgroup
+    from shim.task.events import timestamp_of
+    from shim.linux.libc import libc
+    from shim.runtime.config import RuncConfig
     from shim.ttrpc import codec
 
-    log = logging.getLogger("shim.warmup")
+    log = logging.getLogger("shim.binary.warmup")
     true = shutil.which("true")
     libc()  # Create's first mount would load the C library (0.2 ms)
     for i in range(ROUNDS):

@@ -33,7 +33,7 @@ import time
 from typing import Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-log = logging.getLogger("shim.stdio")
+log = logging.getLogger("shim.runtime.stdio")
 
 CHUNK = 1 << 16
 LOGGER_STOP_TIMEOUT = 12.0

@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
-VERSION = "0.1.0"
-RUNTIME = "io.containerd.pyshim.v1"
+from shim import RUNTIME, VERSION
 
 BOOL_FLAGS = {"debug", "v", "version", "info"}
 VALUE_FLAGS = {"namespace", "address", "publish-binary", "id", "bundle", "socket",
@@ -63,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
               f"  Python: {sys.version.split()[0]}")
         return 0
     if flags.get("info"):  # containerd 2.x: options Any on stdin, RuntimeInfo on stdout
-        from shim.info import runtime_info
+        from shim.binary.info import runtime_info
         try:
             sys.stdout.buffer.write(runtime_info(_read_stdin(), RUNTIME, VERSION))
         except ValueError as e:
@@ -80,11 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     if action == "start":
         return start(flags, namespace, cid)
     if action == "delete":
-        from shim.cleanup import delete
+        from shim.binary.cleanup import delete
         return delete(namespace, cid, str(flags.get("bundle") or os.getcwd()),
                       bool(flags.get("debug")))
     if action == "zygote":  # started by `start` itself, never by containerd
-        from shim import zygote
+        from shim.binary import zygote
         zygote.serve(str(flags.get("address", "")))
         return 0
     print(f"unknown action {action!r}: expected start or delete", file=sys.stderr)
@@ -98,12 +97,12 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     cgroup, OOM score, logging) before it serves its first request. Errors go to stderr,
     which containerd shows as the reason `start` failed.
     """
-    from shim import address
+    from shim.binary import address
 
     bundle = os.getcwd()
     stdin = _read_stdin()
     socket_dir = ""
-    from shim.wire import bootstrap_socket_dir, is_bootstrap_params
+    from shim.binary.wire import bootstrap_socket_dir, is_bootstrap_params
     if is_bootstrap_params(stdin, namespace, cid):  # containerd 2.3+
         socket_dir = bootstrap_socket_dir(stdin)
     containerd_address = str(flags.get("address", ""))
@@ -115,12 +114,12 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     if listener is None:  # a shim of this group is running: containerd joins it
         _print(addr)
         return 0
-    from shim import zygote
+    from shim.binary import zygote
     debug, containerd_pid = bool(flags.get("debug")), os.getppid()
     request = (bundle, dict(os.environ), debug, namespace, cid, stdin, containerd_pid)
     if not zygote.handoff(containerd_address, listener, request):
         if os.fork() == 0:
-            from shim import daemon
+            from shim.binary import daemon
             daemon.run(listener.fileno(), debug, namespace, cid, bundle, stdin, containerd_pid)
         zygote.spawn(containerd_address)  # for the next start
     listener.close()

@@ -25,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from shim.api.envelope_pb2 import Envelope, ForwardRequest
 from shim.ttrpc import Client, Code, TTRPCError
 
-log = logging.getLogger("shim.events")
+log = logging.getLogger("shim.task.events")
 
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 FORWARD_TIMEOUT = 5.0

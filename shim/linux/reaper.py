@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from shim.libc import check, libc
+from shim.linux.libc import check, libc
 
 PR_SET_CHILD_SUBREAPER = 36
 

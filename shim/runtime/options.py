@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from shim.runc_config import DEFAULT_ROOT, RuncConfig
+from shim.runtime.config import DEFAULT_ROOT, RuncConfig
 
-log = logging.getLogger("shim.options")
+log = logging.getLogger("shim.runtime.options")
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 CREATE_OPTIONS = "containerd.linux.runc.CreateOptions"

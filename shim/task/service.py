@@ -29,24 +29,24 @@ from typing import Callable, Iterator
 from google.protobuf.any_pb2 import Any
 from google.protobuf.empty_pb2 import Empty
 
-from shim import mount as mounts
-from shim import options
+from shim.linux import mount as mounts
+from shim.runtime import options
 from shim.api import events_pb2 as ev
 from shim.api import task_pb2 as pb
 from shim.api.runc_options_pb2 import CheckpointOptions
 from shim.api.runc_options_pb2 import ProcessDetails
 from shim.api.task_types_pb2 import ProcessInfo
 from shim.api.task_types_pb2 import Status as PbStatus
-from shim.cgroups import Cgroup
-from shim.events import Publisher, timestamp_of
-from shim.oom import OOMWatcher
-from shim.reaper import Reaper
-from shim.runc import Runc, RuncConfig, RuncError
-from shim.state import Lifecycle, State
-from shim.stdio import ProcessIO
+from shim.linux.cgroups import Cgroup
+from shim.task.events import Publisher, timestamp_of
+from shim.linux.oom import OOMWatcher
+from shim.linux.reaper import Reaper
+from shim.runtime.runc import Runc, RuncConfig, RuncError
+from shim.task.state import Lifecycle, State
+from shim.runtime.stdio import ProcessIO
 from shim.ttrpc import Code, Context, TTRPCError
 
-log = logging.getLogger("shim.service")
+log = logging.getLogger("shim.task.service")
 
 DRAIN_TIMEOUT = 2.0
 

@@ -31,7 +31,7 @@ import os
 import re
 import sys
 
-from shim.libc import libc
+from shim.linux.libc import libc
 
 _held: list[object] = []  # the fillers: kept alive, never touched again
 

@@ -19,7 +19,7 @@ SIGKILL_STATUS = 128 + 9
 
 
 def delete(namespace: str, cid: str, bundle: str, debug: bool) -> int:
-    from shim.runc_config import RuncConfig
+    from shim.runtime.config import RuncConfig
 
     config = RuncConfig.load(bundle)
     warnings: list[str] = []
@@ -32,7 +32,7 @@ def delete(namespace: str, cid: str, bundle: str, debug: bool) -> int:
             warnings.append(f"runc delete --force {cid}: "
                             f"{result.stderr.decode(errors='replace').strip()}")
     rootfs = os.path.join(bundle, "rootfs")
-    from shim import mount
+    from shim.linux import mount
     try:
         if mount.is_mounted(rootfs):
             mount.unmount_all(rootfs)
@@ -47,7 +47,7 @@ def delete(namespace: str, cid: str, bundle: str, debug: bool) -> int:
     _remove_stale_socket(bundle, warnings)
     for w in warnings:
         print(f"delete {cid}: {w}", file=sys.stderr)
-    from shim.wire import delete_response
+    from shim.binary.wire import delete_response
     sys.stdout.buffer.write(delete_response(pid, SIGKILL_STATUS, time.time_ns()))
     sys.stdout.flush()
     return 0
@@ -66,7 +66,7 @@ def _remove_stale_socket(bundle: str, warnings: list[str]) -> None:
         return
     import stat
 
-    from shim.address import is_live
+    from shim.binary.address import is_live
     try:
         if stat.S_ISSOCK(os.lstat(path).st_mode) and not is_live(path):
             os.unlink(path)

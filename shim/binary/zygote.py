@@ -38,7 +38,7 @@ def _source_dir() -> str:
 def socket_path(containerd_address: str) -> str:
     """One zygote per containerd, interpreter and installation (and mount namespace:
     the socket lives in /run, as containerd's own shim sockets do)."""
-    from shim.address import sha256
+    from shim.binary.address import sha256
     key = f"{containerd_address}\0{sys.executable}\0{_source_dir()}\0{os.getuid()}".encode()
     return os.path.join(ZYGOTE_DIR, f"zygote-{sha256(key).hexdigest()[:16]}.sock")
 
@@ -95,7 +95,7 @@ def spawn(containerd_address: str) -> None:
                                       "-address", containerd_address, "zygote"])
         os.execv(sys.executable, [sys.executable, "-IS", "-c",
                                   f"import sys; sys.path[:0] = {sys.path!r}; "
-                                  "from shim.zygote import serve; serve(sys.argv[2])",
+                                  "from shim.binary.zygote import serve; serve(sys.argv[2])",
                                   "-address", containerd_address, "zygote"])
     finally:
         os._exit(0)
@@ -123,9 +123,11 @@ def serve(containerd_address: str) -> None:
     import socket
     import time
 
-    from shim import daemon, prefork, warmup
-    from shim import log as shimlog
-    from shim.address import is_live
+    from shim.binary import daemon
+    from shim.binary import prefork
+    from shim.binary import warmup
+    from shim.binary import log as shimlog
+    from shim.binary.address import is_live
 
     for name in daemon.MODULES:  # everything a daemon imports, imported once here
         importlib.import_module(name)
@@ -209,7 +211,7 @@ def _remove_dead_sockets(own: str) -> None:
     """Sockets of zygotes that were killed (nothing else could remove them)."""
     import socket
 
-    from shim.address import is_live
+    from shim.binary.address import is_live
     for name in os.listdir(ZYGOTE_DIR):
         path = os.path.join(ZYGOTE_DIR, name)
         if path != own and name.startswith("zygote-") and not is_live(path, socket.SOCK_SEQPACKET):
@@ -267,7 +269,7 @@ def _same_namespaces(peer: int) -> bool:
 def _cgroup_dirs(peer: int) -> list[str]:
     """The cgroup directories of `start` (so containerd's), where its daemon belongs,
     as runc-v2's shim would be; empty when they are the zygote's own."""
-    from shim.cgroups import Cgroup
+    from shim.linux.cgroups import Cgroup
     try:
         with open(f"/proc/{peer}/cgroup") as f, open("/proc/self/cgroup") as g:
             if f.read() == g.read():
@@ -285,7 +287,7 @@ def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str],
     """Never returns."""
     import signal
 
-    from shim import daemon
+    from shim.binary import daemon
 
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # SIGTERM is already SIG_DFL: serve() set it

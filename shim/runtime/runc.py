@@ -13,8 +13,8 @@ import os
 import subprocess
 from typing import IO, Any
 
-from shim.reaper import Reaper
-from shim.runc_config import RuncConfig
+from shim.linux.reaper import Reaper
+from shim.runtime.config import RuncConfig
 
 class RuncError(Exception):
     """A runc command failed; the message is runc's own error text."""

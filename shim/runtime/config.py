@@ -1,6 +1,6 @@
 """Which runtime binary runs a container, and how: the runc options of containerd.
 
-Kept apart from shim/runc.py, and free of imports, because the `delete` action, which
+Kept apart from shim/runtime/runc.py, and free of imports, because the `delete` action, which
 containerd waits for after every container, needs it and nothing else of runc. For the
 same reason the options are saved in the bundle as plain `key=value` lines, not JSON.
 """

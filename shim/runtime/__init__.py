@@ -1,0 +1,1 @@
+"""The runtime layer: runc (or crun) command lines, runtime options, container stdio."""

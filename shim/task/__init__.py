@@ -1,0 +1,1 @@
+"""The Task service: containers and their processes, the lifecycle rules, events."""
