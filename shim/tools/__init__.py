@@ -1,0 +1,1 @@
+"""Commands for people: reading traces, installing the shim on a node."""
