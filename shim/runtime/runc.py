@@ -42,7 +42,8 @@ class Runc:
         elif input is not None:
             stdin = subprocess.PIPE
         try:
-            child = self.reaper.spawn(self.config.command(self.namespace, self.bundle, *args), cwd=self.bundle, env=self._env,
+            child = self.reaper.spawn(self.config.command(self.namespace, self.bundle, *args),
+                                      cwd=self.bundle, env=self._env,
                                       stdin=stdin, stdout=stdout, stderr=stderr)
         except OSError as e:
             raise RuncError(f"{self.config.binary}: {e.strerror}") from None

@@ -50,7 +50,7 @@ from shim.task.errors import (AlreadyExists, FailedPrecondition, InvalidArgument
 from shim.task.events import Publisher, timestamp_of
 from shim.task.model import Container, ExecProcess, InitProcess, Process
 from shim.task.state import Op, State
-from shim.ttrpc import Code, Context, TTRPCError
+from shim.ttrpc import Code, Context
 
 log = logging.getLogger("shim.task.service")
 
@@ -459,9 +459,9 @@ class TaskService:
                 p.io.close()
             p.apply(Op.DELETE)
             execs = list(c.execs.values())
-        for e in execs:
-            if e.io is not None:
-                e.io.close()
+        for exec_process in execs:
+            if exec_process.io is not None:
+                exec_process.io.close()
         if c.rootfs_mounted:
             try:
                 mounts.unmount_all(os.path.join(c.bundle, "rootfs"))

@@ -54,7 +54,7 @@ class TTRPCError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code.name}, {self.message!r})"
 
-    def __reduce__(self):  # keep picklable despite the extra __init__ arguments
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:  # keep picklable despite the extra __init__ arguments
         return (type(self), (self.code, self.message, self.details))
 
 

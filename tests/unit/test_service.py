@@ -186,7 +186,8 @@ def test_deleting_execs_while_the_init_exits_never_loses_the_init_exit(shim):
                 assert wait(svc, cid, exec_id) == 0
             deleting = threading.Event()
 
-            def delete_all() -> None:
+            def delete_all(cid: str = cid, execs: list[str] = execs,
+                           deleting: threading.Event = deleting) -> None:
                 for i, exec_id in enumerate(execs):
                     svc.Delete(pb.DeleteRequest(id=cid, exec_id=exec_id), None)  # type: ignore[arg-type]
                     if i == 20:

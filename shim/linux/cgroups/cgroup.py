@@ -97,11 +97,11 @@ class Cgroup:
                 continue  # the hybrid cgroup2 mount: containerd reports v1 here
             # The first mount whose options name the controller: "cpu,cpuacct" combined
             # mounts and "name=systemd" both appear in the super options that way.
-            mount = next(
+            found = next(
                 (m for m in mounts if m.fstype == "cgroup" and controller in m.options), None
             )
-            if mount is not None:
-                v1_paths[controller] = mount.path_for(path)
+            if found is not None:
+                v1_paths[controller] = found.path_for(path)
         return cls(v1_paths=v1_paths, hugepage_sizes=hugepage_sizes, partitions=partitions)
 
     def exists(self) -> bool:

@@ -109,9 +109,9 @@ def _memory(d: str, m: pb.Metrics) -> None:
     for key, value in (stat or {}).items():
         if key in _V2_MEMORY_STAT:
             setattr(mem, key, value)
-    for field, value in values.items():
-        if value is not None:
-            setattr(mem, field, value)
+    for field, number in values.items():
+        if number is not None:
+            setattr(mem, field, number)
     if psi is not None:
         mem.psi.CopyFrom(psi)
 
