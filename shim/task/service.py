@@ -5,7 +5,9 @@ the rules of the lifecycle in state.py, and the errors they raise in errors.py (
 ttrpc statuses once, in `methods`).
 
 Concurrency, in one place (the locks of processes and containers: model.py):
-  * `_lock` guards the container table (`containers`) and the ids being created.
+  * `_lock` guards the container table (`containers`) and the ids being created. A
+    lookup of one id takes no lock (a single dict read is atomic); whatever changes
+    the table, or reads it more than once, holds it.
   * `_exit_lock` guards the pid table (`_pids`) and the early-exit buffer. An exit of an
     unknown pid that arrives while some process is being launched is kept in `_early`;
     the launcher looks there once it knows its pid. So an exit that happens before
