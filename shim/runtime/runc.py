@@ -151,8 +151,12 @@ class Runc:
 
     def ps(self, cid: str) -> list[int]:
         out = self.run("ps", "--format", "json", cid, capture=True)
-        pids = json.loads(out or b"[]")
-        return [int(p) for p in pids or []]
+        try:
+            pids = json.loads(out.strip() or b"[]")
+            return [int(p) for p in pids or []]
+        except (ValueError, TypeError):
+            # A failure of runc like any other, not an exception the RPC layer never expects.
+            raise RuncError(f"{self.config.binary} ps: unexpected output {out[:200]!r}") from None
 
 
 def _write_all(pipe: IO[bytes], data: bytes) -> None:
