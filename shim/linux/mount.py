@@ -80,8 +80,14 @@ def mount(m: Mount, root: str) -> None:
     # Long overlay option strings can exceed a page: run the mount from the lowerdirs'
     # common parent with relative paths, as containerd does.
     cwd = None
-    if m.type == "overlay" and len(data) >= os.sysconf("SC_PAGE_SIZE") - 512:
+    page = os.sysconf("SC_PAGE_SIZE")
+    if m.type == "overlay" and len(data) >= page - 512:
         data, cwd = _compact_lowerdirs(m.options, data)
+    if len(data.encode()) >= page:
+        # The kernel keeps one page, NUL included, and silently cuts the rest: a cut
+        # lowerdir list can name a wrong but existing directory and mount the wrong layers.
+        raise OSError(errno.E2BIG, f"mount {m.source} on {target}: options are too long "
+                                   f"({len(data.encode())} bytes, at most {page - 1})")
     if cwd:
         old = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
         try:
