@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,7 @@ from shim.runtime.runc import Runc, RuncError
 
 NS = "ns1"
 CID = "c1"
+DEADLINE = 5.0  # only reached when something is broken
 
 
 class FakeChild:
@@ -348,3 +350,17 @@ def test_output_pipes_are_closed_after_the_command(make_runc, reaper):
     [child] = reaper.children
     assert child.popen.stdout is not None and child.popen.stdout.closed
     assert child.popen.stderr is not None and child.popen.stderr.closed
+
+
+def test_a_chatty_stderr_does_not_block_captured_output(make_runc, reaper):
+    # runc filling its stderr pipe while the shim waits for the end of stdout would
+    # block both for ever: the two are read together.
+    reaper.script = "head -c 200000 /dev/zero | tr '\\0' w >&2; echo '[7]'"
+    result: list[list[int]] = []
+    t = threading.Thread(target=lambda: result.append(make_runc().ps(CID)), daemon=True)
+    t.start()
+    t.join(DEADLINE)
+    if t.is_alive():
+        reaper.children[-1].popen.kill()  # let the test end
+        t.join(DEADLINE)
+    assert result == [[7]]
