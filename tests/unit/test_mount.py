@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.linux.mount import (Mount, _compact_lowerdirs, is_mounted, mount, mount_all,
-                              parse_options, unmount, unmount_all)
+from shim.linux.mount import (Mount, _compact_lowerdirs, _escape, _unescape, is_mounted, mount,
+                              mount_all, parse_options, unmount, unmount_all)
 
 # The kernel's values (<linux/mount.h>), not the module's own constants.
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_SYNCHRONOUS, MS_REMOUNT = 1, 2, 4, 8, 16, 32
@@ -132,6 +132,14 @@ def test_loop_mounts_are_refused_before_anything_is_mounted(tmp_path):
     assert err.value.errno == errno.EOPNOTSUPP
     assert "loop mounts are not supported" in str(err.value)
     assert not is_mounted(str(target))
+
+
+@pytest.mark.parametrize("path", ["/plain", "/a b", "/tab\there", "/new\nline", "/back\\slash",
+                                  "/literal\\040", "/both\\ \\134"])
+def test_mountinfo_escapes_round_trip(path):
+    escaped = _escape(path)
+    assert not any(ch in escaped for ch in " \t\n")
+    assert _unescape(escaped) == path
 
 
 # -- real mounts ----------------------------------------------------------------------
@@ -340,6 +348,18 @@ def test_mount_all_undoes_what_it_mounted_when_one_fails(tmp):
 
 
 @root_only
+def test_mount_all_undoes_mounts_at_sub_paths_too(tmp):
+    # containerd 2.x: a mount's target is a path inside the rootfs; what was mounted
+    # there must go as well, even when nothing was mounted on the rootfs itself.
+    rootfs = tmp / "rootfs"
+    (rootfs / "a").mkdir(parents=True)
+    (rootfs / "b").mkdir()
+    with pytest.raises(OSError):
+        mount_all([tmpfs(target="/a"), tmpfs(target="b"), tmpfs("size=bogus")], str(rootfs))
+    assert not mounts_below(rootfs)
+
+
+@root_only
 def test_mount_all_mounts_in_order(tmp):
     rootfs = tmp / "rootfs"
     rootfs.mkdir()
@@ -350,6 +370,28 @@ def test_mount_all_mounts_in_order(tmp):
     finally:
         unmount_all(str(rootfs))
     assert not mounts_below(rootfs)
+
+
+@root_only
+def test_unmount_all_takes_mounts_below_too_and_nothing_beside(tmp):
+    rootfs, beside = tmp / "rootfs", tmp / "rootfs2"  # a name that starts the same
+    rootfs.mkdir()
+    beside.mkdir()
+    mount(tmpfs(), str(beside))
+    try:
+        mount(tmpfs(), str(rootfs))
+        (rootfs / "proc").mkdir()
+        (rootfs / "a b").mkdir()
+        mount_all([tmpfs(target="/proc"), tmpfs(target="/a b"), tmpfs(target="/a b")],
+                  str(rootfs))
+        (rootfs / "proc" / "sys").mkdir()
+        mount(tmpfs(target="/proc/sys"), str(rootfs))
+        assert len(mounts_below(rootfs)) == 5
+        unmount_all(str(rootfs))
+        assert mounts_below(rootfs) == []
+        assert is_mounted(str(beside))
+    finally:
+        unmount(str(beside))
 
 
 @root_only
