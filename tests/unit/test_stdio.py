@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import select
+import socket
 import subprocess
 import sys
 import threading
@@ -354,5 +355,84 @@ def test_a_real_exec_like_sequence(tmp_path, no_leaks):
         assert io.wait_drained(DEADLINE)  # before the exit is reported
         assert (out.result(), err.result()) == (b"cba", b"done")
         io.close()  # Delete
+    finally:
+        client.close()
+
+
+# -- terminals ----------------------------------------------------------------------------
+
+
+class Terminal:
+    """What runc does for a terminal: a pty whose master it sends over the console socket;
+    the slave is the container's stdio."""
+
+    def __init__(self, io: ProcessIO) -> None:
+        assert io.console_socket is not None
+        master, self.slave = os.openpty()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(io.console_socket)
+            socket.send_fds(s, [b"/dev/pts/x"], [master])
+        os.close(master)
+
+    def spawn(self, *argv: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, stdin=self.slave, stdout=self.slave, stderr=self.slave,
+                                start_new_session=True)
+
+    def close(self) -> None:
+        os.close(self.slave)
+
+
+def test_a_terminal_carries_stdin_and_output_and_ends_input_with_eot(tmp_path, no_leaks):
+    client = Client(tmp_path)
+    try:
+        io = ProcessIO(LABEL, client.stdin, client.stdout, "", terminal=True)
+        assert io.runc_stdio == (None, None, None)  # runc gets no stdio, only the socket
+        console_dir = os.path.dirname(io.console_socket or "")
+        term = Terminal(io)
+        child = term.spawn("/bin/cat")
+        io.started()
+        assert not os.path.exists(console_dir)  # the socket is gone once the pty came
+        io.resize(132, 43)
+        assert os.get_terminal_size(term.slave) == (132, 43)
+        term.close()
+        out = Reader(client.out_fd)
+        w = os.open(client.stdin, os.O_WRONLY | os.O_CLOEXEC)
+        write_all(w, b"hello\n")
+        os.close(w)
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(0.2)  # no CloseIO yet
+        io.close_stdin()  # the copy ends and sends EOT: cat sees end of input
+        assert child.wait(DEADLINE) == 0
+        assert io.wait_drained(DEADLINE)
+        # The terminal echoes the line, then cat prints it; both in terminal line endings.
+        assert out.result() == b"hello\r\nhello\r\n"
+        io.close()
+    finally:
+        client.close()
+
+
+def test_a_terminal_held_by_a_left_over_child_drains_once_quiet(tmp_path, no_leaks):
+    client = Client(tmp_path, stdin=False)
+    try:
+        io = ProcessIO(LABEL, "", client.stdout, "", terminal=True)
+        term = Terminal(io)
+        # The process exits, but a child it left behind holds the terminal for ever.
+        left_over = term.spawn("/bin/sh", "-c", "echo bye; exec sleep 30")
+        io.started()
+        term.close()
+        try:
+            got = b""
+            while len(got) < len(b"bye\r\n"):  # the process is done: it has exited
+                assert select.select([client.out_fd], [], [], DEADLINE)[0]
+                got += os.read(client.out_fd, 64)
+            start = time.monotonic()
+            assert io.wait_drained(DEADLINE)
+            assert time.monotonic() - start < 2.0  # QUIET_MS of silence, not the child's end
+            assert got + Reader(client.out_fd).result() == b"bye\r\n"
+            assert left_over.poll() is None
+        finally:
+            left_over.kill()
+            left_over.wait()
+        io.close()
     finally:
         client.close()
