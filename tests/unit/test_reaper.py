@@ -91,32 +91,30 @@ def run_until(reaper: Reaper, done: Callable[[], bool], timeout: float = DEADLIN
     return elapsed
 
 
-def in_thread(work: Callable[[], None], reaper: Reaper) -> threading.Event:
-    """Run `work` in a helper thread; the returned event is set (and the reaper woken)
-    when it is done, also when it fails (the failure is re-raised by `joined`)."""
-    done = threading.Event()
-    errors: list[BaseException] = []
+class Helper(threading.Thread):
+    """Runs `work` beside the reaper loop, as a request handler does, and wakes the loop
+    when done (also on failure), so that its stop condition is looked at again."""
 
-    def body() -> None:
+    def __init__(self, reaper: Reaper, work: Callable[[], None]) -> None:
+        super().__init__(daemon=True)
+        self.reaper, self.work = reaper, work
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
         try:
-            work()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            errors.append(e)
+            self.work()
+        except BaseException as e:  # handed to the test by check()
+            self.error = e
         finally:
-            done.set()
-            reaper.wake()
+            self.done.set()
+            self.reaper.wake()
 
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    done.errors = errors  # type: ignore[attr-defined]
-    done.thread = t  # type: ignore[attr-defined]
-    return done
-
-
-def joined(done: threading.Event) -> None:
-    done.thread.join(DEADLINE)  # type: ignore[attr-defined]
-    for e in done.errors:  # type: ignore[attr-defined]
-        raise e
+    def check(self) -> None:
+        self.join(DEADLINE)
+        if self.error is not None:
+            raise self.error
 
 
 def outside_child(script: str) -> int:
@@ -159,9 +157,9 @@ def test_spawned_commands_get_their_own_exit_code(installed, exits):
         for script, child in children.items():
             codes[script] = child.wait(DEADLINE)
 
-    done = in_thread(work, installed)
-    run_until(installed, done.is_set)
-    joined(done)
+    helper = Helper(installed, work)
+    run_until(installed, helper.done.is_set)
+    helper.check()
     assert codes == scripts
     for script, child in children.items():
         # Popen knows too, so its finalizer never waits for a pid now somebody else's.
@@ -182,9 +180,9 @@ def test_a_spawned_command_passes_popen_arguments_on(installed, tmp_path):
         child.popen.stdout.close()
         assert child.wait(DEADLINE) == 0
 
-    done = in_thread(work, installed)
-    run_until(installed, done.is_set)
-    joined(done)
+    helper = Helper(installed, work)
+    run_until(installed, helper.done.is_set)
+    helper.check()
     assert out == [f"{tmp_path}\nfrom env\n".encode()]
 
 
@@ -210,10 +208,10 @@ def test_many_spawns_racing_the_loop_are_never_taken_for_other_children(installe
         for n in range(base, base + 10):
             codes[n] = installed.spawn(["/bin/sh", "-c", f"exit {n}"]).wait(DEADLINE)
 
-    workers = [in_thread(lambda b=b: work(b), installed) for b in (1, 11, 21)]
-    run_until(installed, lambda: all(w.is_set() for w in workers))
-    for w in workers:
-        joined(w)
+    helpers = [Helper(installed, lambda b=b: work(b)) for b in (1, 11, 21)]
+    run_until(installed, lambda: all(h.done.is_set() for h in helpers))
+    for h in helpers:
+        h.check()
     assert codes == {n: n for n in range(1, 31)}
     assert exits.seen == []
 
@@ -257,10 +255,10 @@ def test_one_reap_takes_every_child_that_has_exited(reaper, exits):
 def test_spawned_and_other_children_are_told_apart(installed, exits):
     outside = outside_child("sleep 0.05; exit 9")
     codes: list[int] = []
-    done = in_thread(lambda: codes.append(installed.spawn(["/bin/sh", "-c", "exit 4"])
-                                          .wait(DEADLINE)), installed)
-    run_until(installed, lambda: done.is_set() and exits.pids() == {outside})
-    joined(done)
+    helper = Helper(installed, lambda: codes.append(
+        installed.spawn(["/bin/sh", "-c", "exit 4"]).wait(DEADLINE)))
+    run_until(installed, lambda: helper.done.is_set() and exits.pids() == {outside})
+    helper.check()
     assert codes == [4]
     assert [(pid, code) for pid, code, _ in exits.seen] == [(outside, 9)]
 
@@ -297,16 +295,9 @@ print(runc.code, grandchild, seen)
 
 def test_wake_makes_run_check_its_stop_condition_at_once(reaper):
     # Without a wake-up the loop looks again only after its 1 s poll.
-    stop = threading.Event()
-
-    def work() -> None:
-        time.sleep(0.05)
-        stop.set()
-
-    t = threading.Thread(target=lambda: (work(), reaper.wake()), daemon=True)
-    t.start()
-    elapsed = run_until(reaper, stop.is_set)
-    t.join()
+    helper = Helper(reaper, lambda: time.sleep(0.05))  # then wake()
+    elapsed = run_until(reaper, helper.done.is_set)
+    helper.check()
     assert elapsed < 0.5
 
 
