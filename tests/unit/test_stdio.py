@@ -436,3 +436,66 @@ def test_a_terminal_held_by_a_left_over_child_drains_once_quiet(tmp_path, no_lea
         io.close()
     finally:
         client.close()
+
+
+# -- binary:// loggers --------------------------------------------------------------------
+
+
+class LoggerChild:
+    """What ProcessIO uses of the reaper's Child for a logger."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+
+    def wait(self, timeout: float | None = None) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"logger {self.pid} still running") from None
+
+
+def test_a_binary_logger_gets_the_output_on_fds_3_and_4(tmp_path, monkeypatch, no_leaks):
+    monkeypatch.setenv("PYSHIM_TEST_PRIVATE", "not for loggers")
+    logger = tmp_path / "logger"
+    logger.write_text(f"""#!/bin/sh
+cd {tmp_path}
+echo "$@" > args
+env > env
+cat <&3 > out &
+cat <&4 > err &
+echo ready >&5
+exec 5>&-
+wait
+""")
+    logger.chmod(0o755)
+    spawned: list[LoggerChild] = []
+
+    def spawn(argv: list[str], **kwargs: object) -> LoggerChild:
+        spawned.append(LoggerChild(subprocess.Popen(argv, close_fds=True, **kwargs)))
+        return spawned[-1]
+
+    io = ProcessIO(LABEL, "", f"binary://{logger}?tag=web&verbose", "", spawn=spawn,
+                   env={"CONTAINER_ID": "c1", "CONTAINER_NAMESPACE": "ns1"})
+    # Set up means ready: the logger has run up to its readiness write.
+    assert (tmp_path / "args").read_text() == "tag web verbose\n"
+    env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines())
+    assert (env["CONTAINER_ID"], env["CONTAINER_NAMESPACE"]) == ("c1", "ns1")
+    assert "PYSHIM_TEST_PRIVATE" not in env
+    _, w_out, w_err = inherit(io)
+    io.started()
+    assert w_out is not None and w_err is not None
+    payload = os.urandom(1 << 20)
+    write_all(w_out, payload)
+    write_all(w_err, b"to stderr\n")
+    close_all([w_out, w_err])
+    deadline = time.monotonic() + DEADLINE
+    while (tmp_path / "out").stat().st_size < len(payload) or \
+            (tmp_path / "err").stat().st_size < 10:
+        assert time.monotonic() < deadline, "the logger never got all the output"
+        time.sleep(0.01)
+    assert (tmp_path / "out").read_bytes() == payload
+    assert (tmp_path / "err").read_bytes() == b"to stderr\n"
+    [child] = spawned
+    io.close()  # stops the logger
+    assert child.popen.returncode is not None
