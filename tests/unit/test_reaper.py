@@ -2,17 +2,23 @@
 on_exit, nothing is left a zombie, and wake()/SIGCHLD make run() look again at once.
 
 run() runs in the main thread, as in the daemon (signal handlers only run there); the
-commands are started by a helper thread, as request handlers do.
+commands are started by a helper thread, as request handlers do. Each test that reaps
+runs in a forked child of pytest's process, whose only children are the test's own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import os
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -41,11 +47,6 @@ class Exits:
             return {pid for pid, _, _ in self.seen}
 
 
-@pytest.fixture
-def exits() -> Exits:
-    return Exits()
-
-
 def children() -> set[int]:
     pids: set[int] = set()
     for tid in os.listdir("/proc/self/task"):
@@ -54,22 +55,10 @@ def children() -> set[int]:
     return pids
 
 
-@pytest.fixture
-def reaper(exits: Exits) -> Iterator[Reaper]:
-    # waitpid(-1) would take the children of whatever else runs in this process.
-    assert not children(), "another test left children running in the test process"
-    r = Reaper(exits)
-    exits.wake = r.wake
-    yield r
-    r.reap()  # nothing of a test may outlive it as a zombie
-    os.close(r._wake_r)
-    os.close(r._wake_w)
-
-
-@pytest.fixture
-def installed(reaper: Reaper) -> Iterator[Reaper]:
-    """The reaper with SIGCHLD routed to it; the process's previous handler and wake-up fd
-    are put back afterwards (other tests share this process)."""
+@contextlib.contextmanager
+def sigchld_to(reaper: Reaper) -> Iterator[Reaper]:
+    """The reaper with SIGCHLD routed to it; the previous handler and wake-up fd are put
+    back afterwards."""
     assert threading.current_thread() is threading.main_thread()
     old_handler = signal.getsignal(signal.SIGCHLD)
     old_fd = signal.set_wakeup_fd(-1)
@@ -80,6 +69,68 @@ def installed(reaper: Reaper) -> Iterator[Reaper]:
     finally:
         signal.set_wakeup_fd(old_fd)
         signal.signal(signal.SIGCHLD, old_handler)
+
+
+REAPER_ARGS = {"reaper", "installed", "exits"}
+
+
+def own_process(test: Callable[..., None]) -> Callable[..., None]:
+    """Run the test in a forked child of the test process, with its reaper made there:
+    `reaper` (a Reaper whose on_exit records into `exits`) and `installed` (the same,
+    with SIGCHLD routed to it). waitpid(-1) in pytest's own process would also take the
+    children of whatever else runs there, such as the end-to-end session's containerd
+    when the suites run together; in the child it sees only the test's own."""
+    wanted = REAPER_ARGS & set(inspect.signature(test).parameters)
+
+    def in_child(fixtures: dict[str, object]) -> None:
+        assert not children(), "the test process's children came along"
+        exits = Exits()
+        reaper = Reaper(exits)
+        exits.wake = reaper.wake
+        made = {"reaper": reaper, "installed": reaper, "exits": exits}
+        with contextlib.ExitStack() as stack:
+            if "installed" in wanted:
+                stack.enter_context(sigchld_to(reaper))
+            test(**fixtures, **{name: made[name] for name in wanted})
+            reaper.reap()
+            assert not children(), "the test left children behind"
+
+    @functools.wraps(test)
+    def run(**fixtures: object) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report a failure on w, then exit without cleanup
+            code = 0
+            try:
+                os.close(r)
+                in_child(fixtures)
+            except BaseException:
+                os.write(w, traceback.format_exc().encode())
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(w)
+        report = b""
+        try:
+            deadline = time.monotonic() + 6 * DEADLINE
+            while select.select([r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                report += chunk
+            else:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            os.close(r)
+            _, status = os.waitpid(pid, 0)
+        if status != 0:
+            pytest.fail(report.decode(errors="replace") or f"test process: status {status}",
+                        pytrace=False)
+
+    params = [p for name, p in inspect.signature(test).parameters.items()
+              if name not in REAPER_ARGS]
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return run
 
 
 def run_until(reaper: Reaper, done: Callable[[], bool], timeout: float = DEADLINE) -> float:
@@ -145,6 +196,7 @@ def test_exit_code_is_the_status_or_128_plus_the_signal(status, code):
 # -- spawned commands -------------------------------------------------------------------
 
 
+@own_process
 def test_spawned_commands_get_their_own_exit_code(installed, exits):
     scripts = {"exit 0": 0, "exit 3": 3, "exit 255": 255, "kill -TERM $$": 143,
                "kill -KILL $$": 137}
@@ -169,6 +221,7 @@ def test_spawned_commands_get_their_own_exit_code(installed, exits):
     assert exits.seen == []  # none of them went to on_exit
 
 
+@own_process
 def test_a_spawned_command_passes_popen_arguments_on(installed, tmp_path):
     out: list[bytes] = []
 
@@ -186,6 +239,7 @@ def test_a_spawned_command_passes_popen_arguments_on(installed, tmp_path):
     assert out == [f"{tmp_path}\nfrom env\n".encode()]
 
 
+@own_process
 def test_wait_times_out_while_the_command_runs(reaper):
     child = reaper.spawn(["/bin/sleep", "5"])
     try:
@@ -199,6 +253,7 @@ def test_wait_times_out_while_the_command_runs(reaper):
         os.waitpid(child.pid, 0)  # not through the reaper: it is not running
 
 
+@own_process
 def test_many_spawns_racing_the_loop_are_never_taken_for_other_children(installed, exits):
     # spawn registers the child before the loop can reap it; otherwise a fast exit
     # would go to on_exit and its waiter would hang.
@@ -219,6 +274,7 @@ def test_many_spawns_racing_the_loop_are_never_taken_for_other_children(installe
 # -- other children -------------------------------------------------------------------
 
 
+@own_process
 def test_other_children_go_to_on_exit_with_pid_code_and_time(installed, exits):
     before = time.time()
     pids = {outside_child("exit 7"): 7, outside_child("kill -KILL $$"): 137,
@@ -238,6 +294,7 @@ def proc_state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
+@own_process
 def test_one_reap_takes_every_child_that_has_exited(reaper, exits):
     pids = [outside_child(f"exit {n}") for n in (1, 2, 3)]
     deadline = time.monotonic() + DEADLINE
@@ -246,12 +303,13 @@ def test_one_reap_takes_every_child_that_has_exited(reaper, exits):
         time.sleep(0.01)
     reaper.reap()
     assert len(exits.seen) == 3
-    assert {pid: code for pid, code, _ in exits.seen} == dict(zip(pids, (1, 2, 3)))
+    assert {pid: code for pid, code, _ in exits.seen} == dict(zip(pids, (1, 2, 3), strict=True))
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}")
         assert_reaped(pid)
 
 
+@own_process
 def test_spawned_and_other_children_are_told_apart(installed, exits):
     outside = outside_child("sleep 0.05; exit 9")
     codes: list[int] = []
@@ -293,6 +351,7 @@ print(runc.code, grandchild, seen)
 # -- waking the loop ------------------------------------------------------------------
 
 
+@own_process
 def test_wake_makes_run_check_its_stop_condition_at_once(reaper):
     # Without a wake-up the loop looks again only after its 1 s poll.
     helper = Helper(reaper, lambda: time.sleep(0.05))  # then wake()
@@ -301,6 +360,7 @@ def test_wake_makes_run_check_its_stop_condition_at_once(reaper):
     assert elapsed < 0.5
 
 
+@own_process
 def test_repeated_wakes_never_block_the_waker_and_the_loop_drains_them(reaper):
     # The wake-up pipe is non-blocking: a full pipe must not stop a handler.
     start = time.monotonic()
@@ -313,6 +373,7 @@ def test_repeated_wakes_never_block_the_waker_and_the_loop_drains_them(reaper):
         os.read(reaper._wake_r, 1)  # drained: the next poll waits again
 
 
+@own_process
 def test_sigchld_wakes_run_once_installed(installed, exits):
     start = time.time()
     pid = outside_child("sleep 0.05; exit 5")
@@ -324,6 +385,7 @@ def test_sigchld_wakes_run_once_installed(installed, exits):
     assert elapsed < 0.5
 
 
+@own_process
 def test_install_routes_sigchld_to_the_wake_up_pipe(reaper):
     old_handler = signal.getsignal(signal.SIGCHLD)
     old_fd = signal.set_wakeup_fd(-1)
