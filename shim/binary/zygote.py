@@ -143,28 +143,31 @@ def _code_stamp() -> float:
 
 
 def serve(containerd_address: str) -> None:
-    import logging
     import select
     import time
 
     from shim.binary import log as shimlog
     from shim.binary.address import is_live
 
+    # stderr is the log of the bundle whose start spawned this zygote (see spawn): keep it
+    # only to report a failed start, not for the rehearsal's lines, nor once serving.
+    report_fd = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     shimlog.setup(False)  # a daemon then only sets its fields and level
     try:
         prepared = _prepare(containerd_address)
     except BaseException:
-        logging.getLogger(__name__).exception(
-            "pyshim zygote for %s cannot start (each start then forks its daemon itself)",
-            containerd_address)
+        import traceback
+        shimlog.report("error", f"pyshim zygote for {containerd_address} cannot start (each start "
+                       f"then forks its daemon itself): {traceback.format_exc()}", fd=report_fd)
         raise SystemExit(1) from None
+    finally:
+        os.close(report_fd)
     if prepared is None:
         return  # another zygote won the race
     sock, path, preloaded, (wake_r, wake_w) = prepared
-    # Serving now: stderr no longer goes to the log of the bundle that started it.
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
     stamp = _code_stamp()
 
     children: set[int] = set()
