@@ -85,10 +85,17 @@ main()
 """
 
 
+def failure_path(containerd_address: str) -> str:
+    """Why the last zygote for this address could not start, for the next start to log: the
+    log of the bundle that spawned it may be gone before the zygote gets that far."""
+    return socket_path(containerd_address) + ".failed"
+
+
 def spawn(containerd_address: str) -> None:
     """Start a zygote in the background (from `start`, after it has done its job)."""
     if os.environ.get(DISABLE_ENV):
         return
+    _report_failure(containerd_address)
     pid = os.fork()
     if pid != 0:
         os.waitpid(pid, 0)  # the intermediate child exits at once
@@ -120,12 +127,44 @@ def spawn(containerd_address: str) -> None:
         os._exit(0)
 
 
+def _report_failure(containerd_address: str) -> None:
+    """Log (to this start's bundle) why the previous zygote could not start, once."""
+    path = failure_path(containerd_address)
+    try:
+        with open(path) as f:
+            reason = f.read()
+        os.unlink(path)
+    except OSError:
+        return  # the usual case: no failure on record
+    from shim.binary.log import report
+    report("error", reason)
+
+
+def _record_failure(containerd_address: str, reason: str) -> None:
+    try:
+        os.makedirs(ZYGOTE_DIR, mode=0o700, exist_ok=True)
+        fd = os.open(failure_path(containerd_address), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, reason.encode(errors="replace"))
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def main() -> None:
     """The zygote process (see ZYGOTE_MAIN): its command line says what it is in ps."""
     address = sys.argv[sys.argv.index("-address") + 1]
     from shim.binary.launcher import NAME
     _set_command_line([NAME, "-address", address, "zygote"])
-    serve(address)
+    code = 0
+    try:
+        serve(address)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    # No interpreter clean-up, as for the shim's binary: it would wait for the threads the
+    # rehearsal left parked, and free every frozen object one by one.
+    os._exit(code)
 
 
 def _code_stamp() -> float:
@@ -160,14 +199,20 @@ def serve(containerd_address: str) -> None:
         prepared = _prepare(containerd_address)
     except BaseException:
         import traceback
-        shimlog.report("error", f"pyshim zygote for {containerd_address} cannot start (each start "
-                       f"then forks its daemon itself): {traceback.format_exc()}", fd=report_fd)
+        reason = (f"pyshim zygote for {containerd_address} cannot start (each start then forks "
+                  f"its daemon itself): {traceback.format_exc()}")
+        shimlog.report("error", reason, fd=report_fd)
+        _record_failure(containerd_address, reason)
         raise SystemExit(1) from None
     finally:
         os.close(report_fd)
     if prepared is None:
         return  # another zygote won the race
     sock, path, preloaded, (wake_r, wake_w) = prepared
+    try:
+        os.unlink(failure_path(containerd_address))  # an earlier failure no longer applies
+    except OSError:
+        pass
     stamp = _code_stamp()
 
     children: set[int] = set()

@@ -69,6 +69,11 @@ def zygote_socket(python, address):
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
+def logged(containerd, offset):
+    """The zygote-failure lines containerd logged since `offset`."""
+    return [line for line in containerd.log_tail(10_000, offset=offset).splitlines() if "pyshim zygote for" in line]
+
+
 def remove(ctr, cid):
     ctr("task", "kill", "--signal", "SIGKILL", cid)
     for _ in range(100):
@@ -103,7 +108,8 @@ def test_a_shim_from_a_built_wheel_starts_a_zygote(pyshim_only, containerd, ctr,
 
 def test_a_zygote_that_cannot_start_says_so_in_the_log(pyshim_only, containerd, ctr, wheel_bin):
     """A zygote whose start fails (here: a module it needs, and no container's start needs, is
-    missing from the install) leaves an error in containerd's log; containers still run."""
+    missing from the install) leaves an error in containerd's log: in the log of the bundle that
+    spawned it if that container still runs, else in the next start's; containers still run."""
     shim = str(wheel_bin / launcher.NAME)
     python = interpreter(shim)
     warmup = Path(subprocess.run([python, "-I", "-c", "import shim.binary.warmup as m; print(m.__file__)"],
@@ -118,11 +124,17 @@ def test_a_zygote_that_cannot_start_says_so_in_the_log(pyshim_only, containerd, 
     try:
         result = ctr("run", "--rm", "--runtime", shim, containerd.image, containerd.new_id("nozygote"), "true")
         assert result.rc == 0, result.stderr
-        wait_until(lambda: "pyshim zygote for" in containerd.log_tail(10_000, offset=offset), 15,
-                   "the zygote's failure in containerd's log")
+        wait_until(lambda: os.path.exists(socket + ".failed") or logged(containerd, offset), 30,
+                   "the zygote's failure recorded")
+        result = ctr("run", "--rm", "--runtime", shim, containerd.image, containerd.new_id("nozygote"), "true")
+        assert result.rc == 0, result.stderr
+        wait_until(lambda: logged(containerd, offset), 15, "the zygote's failure in containerd's log")
     finally:
         hidden.rename(warmup)
-    log = containerd.log_tail(10_000, offset=offset)
-    [line] = [line for line in log.splitlines() if "pyshim zygote for" in line]
-    assert "level=error" in line and "cannot start" in line and "warmup" in log
+    lines = logged(containerd, offset)
+    assert all("level=error" in line and "cannot start" in line and "warmup" in line for line in lines)
     assert not zygotes_of(containerd, socket)
+    # The next zygote (the module is back) starts, and clears the record.
+    assert ctr("run", "--rm", "--runtime", shim, containerd.image, containerd.new_id("zygote"), "true").rc == 0
+    wait_until(lambda: zygotes_of(containerd, socket), 30, "a zygote again")
+    wait_until(lambda: not os.path.exists(socket + ".failed"), 10, "the failure record cleared")
