@@ -105,7 +105,7 @@ class TaskService:
     def _container(self, cid: str) -> Container:
         c = self.containers.get(cid)
         if c is None:
-            raise NotFound(f"container {cid}: not found")
+            raise NotFound(f"container {cid}")
         return c
 
     def _init(self, cid: str) -> InitProcess:
@@ -120,7 +120,7 @@ class TaskService:
             return c.init
         p = c.execs.get(exec_id)
         if p is None:
-            raise NotFound(f"exec {exec_id} in container {cid}: not found")
+            raise NotFound(f"exec {exec_id} in container {cid}")
         return p
 
     # -- exits -----------------------------------------------------------------------------
@@ -226,7 +226,7 @@ class TaskService:
                                   f"bundle for {cid}")
         with self._lock:
             if cid in self.containers or cid in self._creating:
-                raise AlreadyExists(f"container {cid}: already exists")
+                raise AlreadyExists(f"container {cid}")
             # Reserve the id while runc works, so a second Create for it fails fast.
             self._creating.add(cid)
         try:
@@ -509,7 +509,7 @@ class TaskService:
         with init.lock:
             init.check(Op.EXEC)  # a stopped or paused init is refused here
             if req.exec_id in c.execs:
-                raise AlreadyExists(f"exec {req.exec_id} in container {c.id}: already exists")
+                raise AlreadyExists(f"exec {req.exec_id} in container {c.id}")
             c.execs[req.exec_id] = ExecProcess(c, req.exec_id, req.stdin, req.stdout, req.stderr,
                                                req.terminal, json.dumps(spec).encode())
         self.publisher.publish("/tasks/exec-added",

@@ -3,7 +3,7 @@
 `CriContainerd` is the end-to-end harness's `TestContainerd` (tests/e2e/harness.py) with:
 
 - the CRI plugin configured from the snippet we ship, used as it is:
-  shim/tools/runtime_config/containerd-1.x.toml (config version 2) or containerd-2.x.toml (version 3),
+  runtime_config/containerd-1.x.toml (config version 2) or containerd-2.x.toml (version 3),
   whichever matches the version of the harness's config; plus a `runc` handler (runc-v2) if
   the snippet has none, for comparisons;
 - `restrict_oom_score_adj = true` (the test machines lack CAP_SYS_RESOURCE, and the pause
@@ -34,8 +34,8 @@ from cri.client import CriClient
 from e2e.harness import RUNC_V2_ROOT, TestContainerd, build_image
 
 REPO = Path(__file__).resolve().parents[2]
-SNIPPETS = {2: REPO / "shim" / "tools" / "runtime_config" / "containerd-1.x.toml",
-            3: REPO / "shim" / "tools" / "runtime_config" / "containerd-2.x.toml"}
+SNIPPETS = {2: REPO / "runtime_config" / "containerd-1.x.toml",
+            3: REPO / "runtime_config" / "containerd-2.x.toml"}
 CRI_NAMESPACE = "k8s.io"
 PAUSE_REF = "docker.io/pyshim/pause:test"
 PAUSE_ENTRYPOINT = ["/bin/sleep", "100000"]
@@ -99,7 +99,7 @@ class CriContainerd(TestContainerd):
     def __init__(self, workdir, runtime, **kwargs):
         super().__init__(workdir, runtime, **kwargs)
         if runtime not in HANDLERS:
-            raise ValueError(f"no CRI runtime handler for {runtime} in shim/tools/runtime_config/ (known: {', '.join(HANDLERS)})")
+            raise ValueError(f"no CRI runtime handler for {runtime} in runtime_config/ (known: {', '.join(HANDLERS)})")
         self.handler = HANDLERS[runtime]
         self.pause_image = PAUSE_REF
         self.cgroup_parent = "/pyshim-cri-" + uuid.uuid4().hex[:8]
