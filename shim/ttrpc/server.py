@@ -1,12 +1,45 @@
 """Threaded ttrpc server on a Unix stream socket; unary calls only (ttrpc.md §7).
 
-Threads: serve() accepts in the caller's thread; each connection has one
-reader thread, and every request runs in a thread of its own, because
-containerd keeps Wait pending while it sends State/Kill on the same
-connection. A handler's thread waits a while for the next request when it is
-done (`_Workers`): starting a thread per call would add its start to every
-call. Responses go out as handlers finish, so possibly out of order; one lock
-per connection keeps frames whole. All threads are daemon threads.
+Threads: serve() runs the one I/O thread: an epoll loop that accepts
+connections and reads every connection's frames, never blocking on any of
+them (non-blocking accept, recv with MSG_DONTWAIT, no write that can wait).
+A connection costs no thread of its own, so a slow, idle, half-open or
+garbage connection cannot hold up accepting or reading the others. Every
+request runs in a thread of its own, because containerd keeps Wait pending
+while it sends State/Kill on the same connection. A handler's thread waits a
+while for the next request when it is done (`_Workers`): starting a thread per
+call would add its start to every call. Responses go out as handlers finish,
+so possibly out of order; one lock per connection keeps frames whole. All
+threads are daemon threads.
+
+Bounds (`Limits`), chosen from what containerd does with a shim: it keeps one
+connection per task it runs through the shim (one, or one per container of a
+pod), plus a new one after each restart of its own; on a connection it keeps
+one Wait pending per process (the init and every exec) and sends the other
+calls beside it, each a few KiB at most (an exec's process spec is the
+largest). So:
+
+- connections at once: 128 (a pod of a hundred containers, and reconnects).
+  One more is closed as soon as it is accepted.
+- calls in flight: 512 per connection (200 concurrent execs on one container
+  need about 400), 1024 on all connections together. A call past a bound is
+  answered ResourceExhausted. The handler threads are these calls, so they are
+  bounded by the same numbers (plus the I/O thread).
+- bytes held: a frame being read is at most the protocol's 4 MiB; a
+  connection's partial frame and the requests of its calls in flight together
+  at most 16 MiB, all connections together at most 64 MiB. A partial frame
+  past a bound closes its connection; a request past one is answered
+  ResourceExhausted.
+- time: a frame once begun must be complete within 30 s (containerd writes a
+  frame whole) or its connection is closed; a response that cannot be written
+  within 30 s (the peer does not read) closes its connection.
+- fairness: each connection has a reserve of 8 calls and 256 KiB that the
+  totals do not count, so a client that exhausts the totals cannot starve
+  containerd's connection of its next State, Kill or Exec. With the reserves
+  the hard bounds are 2048 calls and 96 MiB.
+
+Go's ttrpc server has none of these bounds; in the normal case they cost a
+counter per call.
 """
 
 from __future__ import annotations
@@ -15,28 +48,45 @@ import errno
 import logging
 import os
 import queue
+import select
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 from google.protobuf.message import DecodeError, Message
 
 from . import codec
 from .errors import Code, TTRPCError
 
-__all__ = ["Context", "Handler", "Server", "MAX_INFLIGHT"]
+__all__ = ["Context", "Handler", "Limits", "Server", "DEFAULT_LIMITS"]
 
 log = logging.getLogger("shim.ttrpc")
 
-# Requests running at once on one connection. containerd needs a handful
-# (Wait per process plus the call at hand); the cap stops a peer that never
-# reads its responses from growing threads without bound.
-MAX_INFLIGHT = 1024
-
 _RECV_SIZE = 64 * 1024
+_ACCEPT_BATCH = 256  # accepts per wake-up before the connections get their turn
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_TIMEVAL = struct.Struct("ll")
+_LOG_EVERY = 10.0  # seconds between two warnings of one kind
+
+
+class Limits(NamedTuple):
+    """What the server holds at most; see the module docstring for the reasons."""
+
+    connections: int = 128
+    calls_per_connection: int = 512
+    calls: int = 1024
+    bytes_per_connection: int = 16 << 20
+    bytes: int = 64 << 20
+    reserved_calls: int = 8  # per connection, not counted in `calls`
+    reserved_bytes: int = 256 << 10  # per connection, not counted in `bytes`
+    frame_timeout: float = 30.0
+    write_timeout: float = 30.0
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class Context:
@@ -70,7 +120,7 @@ class _Workers:
     A waiting thread takes the next call instead of a new thread being started
     (about 0.15 ms each time, on the caller's critical path). `run` never waits for
     a thread to be free: with none waiting it starts one, so a call that blocks
-    (Wait) never holds up another.
+    (Wait) never holds up another. The server bounds the calls, hence the threads.
     """
 
     def __init__(self, idle: float = 10.0) -> None:
@@ -106,16 +156,44 @@ class _Workers:
                         return
 
 
+class _Quiet:
+    """A warning logged once, then at most once per _LOG_EVERY seconds with a count:
+    a flood of bad connections must not flood containerd's log."""
+
+    __slots__ = ("_text", "_next", "_skipped")
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._next = 0.0
+        self._skipped = 0
+
+    def warn(self, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        more = f" (and {self._skipped} more)" if self._skipped else ""
+        log.warning(self._text + more, *args)
+        self._next, self._skipped = now + _LOG_EVERY, 0
+
+
 class Server:
-    def __init__(self, *, require_same_user: bool = True) -> None:
+    def __init__(self, *, require_same_user: bool = True, limits: Limits = DEFAULT_LIMITS) -> None:
         self._require_same_user = require_same_user
+        self.limits = limits
         self._services: dict[str, dict[str, _Method]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the sets and the counters below
         self._drained = threading.Condition(self._lock)  # notified as connections close
-        self._conns: set[_Connection] = set()
+        self._conns: set[_Connection] = set()  # open (fd not yet closed)
+        self._shared_calls = 0  # calls and bytes beyond the connections' reserves
+        self._shared_bytes = 0
         self._listener: socket.socket | None = None
+        self._poller: select.epoll | None = None  # serve()'s; only its thread uses it
         self._closing = False
         self._workers = _Workers()
+        self._warn_refused = _Quiet("ttrpc: refused a connection: %d connections open")
+        self._warn_user = _Quiet("ttrpc: rejected a connection from uid/gid %s")
+        self._warn_closed = _Quiet("ttrpc: closing connection: %s")
 
     def register(self, service: str, methods: Mapping[str, _Method]) -> None:
         """Serve `methods` (name -> (request type, handler)) under `service`.
@@ -127,7 +205,7 @@ class Server:
         self._services[service] = dict(methods)
 
     def serve(self, listener: socket.socket, *, grace: float = 1.0) -> None:
-        """Accept connections until shutdown(); then close `listener` and the connections.
+        """Accept and read connections until shutdown(); then close `listener` and the connections.
 
         Connections with calls in flight get up to `grace` seconds to answer them
         (so a Shutdown call's own response can go out) before they are cut.
@@ -136,25 +214,32 @@ class Server:
             if self._listener is not None:
                 raise RuntimeError("ttrpc server is already serving")
             self._listener = listener
-            closing = self._closing
+        poller = self._poller = select.epoll()
+        reading: dict[int, _Connection] = {}  # fd -> connection, only while registered
         try:
-            while not closing:
-                try:
-                    sock, _ = listener.accept()
-                except (InterruptedError, ConnectionAbortedError, TimeoutError):
-                    pass
-                except OSError as exc:
-                    if self._closing:  # shutdown() woke accept() with EINVAL
-                        break
-                    if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
-                        raise  # the listener itself is gone
-                    # EMFILE and friends: back off rather than spin.
-                    log.warning("ttrpc: accept failed: %s", exc)
-                    time.sleep(0.1)
-                else:
-                    self._accept(sock)
-                closing = self._closing
+            listener.setblocking(False)
+            lfd = listener.fileno()
+            poller.register(lfd, select.EPOLLIN)
+            while not self._closing:
+                for fd, _ in poller.poll(self._next_expiry(reading.values())):
+                    if fd == lfd:
+                        if not self._accept(listener, poller, reading):
+                            return
+                    elif (conn := reading.get(fd)) is not None:
+                        conn.readable()
+                        if not conn.reading:
+                            del reading[fd]
+                if self._closing:
+                    break
+                now = time.monotonic()
+                for conn in [c for c in reading.values() if c.expired(now)]:
+                    self._warn_closed.warn(f"no complete frame within {self.limits.frame_timeout:g}s")
+                    conn.abort()
+                    del reading[conn.fileno]
         finally:
+            for conn in reading.values():
+                conn.stop(poller)
+            poller.close()
             listener.close()
             self._drain(grace)
 
@@ -168,27 +253,79 @@ class Server:
         listener = self._listener
         if listener is not None:
             try:
-                listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the epoll loop on Linux
             except OSError:
                 pass
-        for conn in list(self._conns):
-            conn.stop_reading()
 
     # -- internals ----------------------------------------------------------
 
-    def _accept(self, sock: socket.socket) -> None:
-        if self._require_same_user:
-            ids = _peer_ids(sock)
-            if ids != (os.geteuid(), os.getegid()):
-                log.warning("ttrpc: rejected a connection from uid/gid %s", ids)
+    def _accept(self, listener: socket.socket, poller: select.epoll,
+                reading: dict[int, _Connection]) -> bool:
+        """Accept what is queued (up to a batch); False when the listener is gone."""
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return True
+            except OSError as exc:
+                if self._closing:  # shutdown() woke the loop; accept() fails with EINVAL
+                    return False
+                if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
+                    raise  # the listener itself is gone
+                # EMFILE and friends: back off rather than spin (level-triggered).
+                log.warning("ttrpc: accept failed: %s", exc)
+                time.sleep(0.1)
+                return True
+            if self._require_same_user:
+                ids = _peer_ids(sock)
+                if ids != (os.geteuid(), os.getegid()):
+                    self._warn_user.warn(ids)
+                    sock.close()
+                    continue
+            with self._lock:
+                full = len(self._conns) >= self.limits.connections
+                if not full:
+                    conn = _Connection(self, sock)
+                    self._conns.add(conn)
+            if full:
+                self._warn_refused.warn(len(self._conns))
                 sock.close()
-                return
-        conn = _Connection(self, sock)
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                _TIMEVAL.pack(int(self.limits.write_timeout),
+                                              int(self.limits.write_timeout % 1 * 1e6)))
+                poller.register(conn.fileno, select.EPOLLIN)
+            except OSError:
+                conn.abort()
+                continue
+            reading[conn.fileno] = conn
+        return True
+
+    def _next_expiry(self, conns: object) -> float:
+        """epoll's timeout: until the first partial frame times out, else forever (-1)."""
+        first = min((c.partial_since for c in conns if c.partial_since is not None), default=None)  # type: ignore[attr-defined]
+        if first is None:
+            return -1
+        return max(0.0, first + self.limits.frame_timeout - time.monotonic()) + 0.01
+
+    def _charge(self, conn: _Connection, calls: int, nbytes: int) -> bool:
+        """Count `calls` and `nbytes` more (or fewer, if negative) for `conn`; False,
+        counting nothing, if that would pass a bound. Giving back always succeeds."""
+        lim = self.limits
         with self._lock:
-            self._conns.add(conn)
-        if self._closing:  # shutdown() ran after the loop's check but missed this one
-            conn.stop_reading()
-        threading.Thread(target=conn.run, name="ttrpc-conn", daemon=True).start()
+            c, b = conn.calls + calls, conn.held + nbytes
+            dc = max(0, c - lim.reserved_calls) - max(0, conn.calls - lim.reserved_calls)
+            db = max(0, b - lim.reserved_bytes) - max(0, conn.held - lim.reserved_bytes)
+            if (calls > 0 or nbytes > 0) and (
+                c > lim.calls_per_connection or b > lim.bytes_per_connection
+                or self._shared_calls + dc > lim.calls or self._shared_bytes + db > lim.bytes
+            ):
+                return False
+            conn.calls, conn.held = c, b
+            self._shared_calls += dc
+            self._shared_bytes += db
+            return True
 
     def _forget(self, conn: _Connection) -> None:
         with self._lock:
@@ -196,8 +333,6 @@ class Server:
             self._drained.notify_all()
 
     def _drain(self, grace: float) -> None:
-        for conn in list(self._conns):
-            conn.stop_reading()
         with self._lock:
             self._drained.wait_for(lambda: not self._conns, timeout=grace)
             left = list(self._conns)
@@ -230,62 +365,119 @@ def _peer_ids(sock: socket.socket) -> tuple[int, int] | None:
 class _Connection:
     """One client connection.
 
+    Reading happens only in the server's I/O thread (readable()); writing in
+    handler threads, or in the I/O thread when a frame goes out at once.
     Locks: `_wlock` serializes writes and the final close, so a frame is never
-    interleaved and the fd is never closed under a writer. `_state` guards the
-    bookkeeping below and is never held across I/O; order is _wlock, then _state.
-    The socket is closed once reading has stopped and no call is in flight,
-    or at once if the stream is unusable (garbage, write error, abort).
+    interleaved and the fd is never closed under a writer; the I/O thread only
+    ever tries it without waiting. `_state` guards the bookkeeping below and is
+    never held across I/O; order is _wlock, then _state. The socket is closed
+    once reading has stopped and no call is in flight; an unusable stream
+    (garbage, write error, abort) is shut down at once, which also fails a
+    blocked write, and closed when its last call is done.
     """
 
-    __slots__ = ("_server", "_sock", "_wlock", "_state", "_inflight", "_reading", "_closed", "_last_id")
+    __slots__ = ("_server", "_sock", "fileno", "_wlock", "_state", "_inflight", "_jobs",
+                 "reading", "_closed", "_last_id", "_decoder", "partial_since", "calls", "held",
+                 "_buffered")
 
     def __init__(self, server: Server, sock: socket.socket) -> None:
         self._server = server
         self._sock = sock
+        self.fileno = sock.fileno()
         self._wlock = threading.Lock()
         self._state = threading.Lock()
         self._inflight: set[int] = set()  # stream ids whose handler runs
-        self._reading = True
+        self._jobs = 0  # handler threads working for this connection (calls, writes)
+        self.reading = True
         self._closed = False
         self._last_id = 0
+        self._decoder = codec.Decoder()
+        self.partial_since: float | None = None  # when the frame being read was begun
+        self.calls = 0  # what the server's bounds count for this connection (Server._lock)
+        self.held = 0
+        self._buffered = 0  # the decoder's bytes, as counted in `held`
 
-    def run(self) -> None:
-        decoder = codec.Decoder()
-        clean_eof = False  # else the stream is unusable: close without waiting for handlers
+    # -- the I/O thread ------------------------------------------------------
+
+    def readable(self) -> None:
         try:
-            while True:
-                data = self._sock.recv(_RECV_SIZE)
-                if not data:
-                    clean_eof = True
-                    break
-                for event in decoder.feed(data):
-                    if not self._dispatch(event):
-                        return  # garbage: closed below
+            data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return  # a stale readiness report
         except OSError:
-            pass  # reset by peer, or aborted
-        finally:
-            with self._state:
-                self._reading = False
-                idle = not self._inflight
-            if idle or not clean_eof:
-                self._close()
+            data = None  # reset by peer, or shut down by abort()
+        if not data:
+            self._stop_reading(clean=data is not None)
+            return
+        decoder = self._decoder
+        server = self._server
+        server._charge(self, 0, -self._buffered)  # the partial frame becomes frames
+        self._buffered = 0
+        for event in decoder.feed(data):
+            if not self._dispatch(event):
+                self._stop_reading(clean=False)
+                return
+        if decoder.between_frames:
+            self.partial_since = None
+        else:
+            if self.partial_since is None:
+                self.partial_since = time.monotonic()
+            held = decoder.buffered
+            if not server._charge(self, 0, held):
+                server._warn_closed.warn(f"a partial frame of {held} bytes is past the bounds")
+                self._stop_reading(clean=False)
+                return
+            self._buffered = held
 
-    def stop_reading(self) -> None:
-        with self._state:
-            if not self._closed:
-                try:
-                    self._sock.shutdown(socket.SHUT_RD)  # the reader sees EOF
-                except OSError:
-                    pass
+    def expired(self, now: float) -> bool:
+        return self.partial_since is not None and now - self.partial_since > self._server.limits.frame_timeout
+
+    def stop(self, poller: select.epoll) -> None:
+        """The server is closing: read no more; close once the calls in flight are answered."""
+        try:
+            poller.unregister(self.fileno)
+        except OSError:
+            pass
+        self._stop_reading(clean=True, registered=False)
 
     def abort(self) -> None:
+        """Cut the connection now: a blocked write fails, and the fd is closed."""
         with self._state:
             if not self._closed:
                 try:
-                    self._sock.shutdown(socket.SHUT_RDWR)  # fails a blocked write too
+                    self._sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+        self._stop_reading(clean=False)
         self._close()
+
+    def _stop_reading(self, *, clean: bool, registered: bool = True) -> None:
+        """No more reading. The fd must leave epoll before anyone may close it (so that a
+        reused fd number is never unregistered by mistake): hence first unregister, then
+        publish `reading = False`, which lets the last handler close."""
+        with self._state:
+            if not self.reading:
+                return
+        if registered:  # only the I/O thread gets here, and only while serve() runs
+            try:
+                self._server._poller.unregister(self.fileno)
+            except (OSError, ValueError, AttributeError):
+                pass
+        self._server._charge(self, 0, -self._buffered)
+        self._buffered = 0
+        self.partial_since = None
+        if not clean:
+            with self._state:
+                if not self._closed:
+                    try:
+                        self._sock.shutdown(socket.SHUT_RDWR)  # fails a blocked write too
+                    except OSError:
+                        pass
+        with self._state:
+            self.reading = False
+            idle = not self._jobs
+        if idle:
+            self._close()
 
     def _close(self) -> None:
         with self._wlock, self._state:
@@ -295,38 +487,110 @@ class _Connection:
             self._sock.close()
         self._server._forget(self)
 
+    def _reply_error(self, stream_id: int, error: TTRPCError) -> bool:
+        return self._send_now(codec.encode_response(stream_id, error=error))
+
+    def _send_now(self, frame: bytes) -> bool:
+        """Write a frame from the I/O thread without waiting: at once if the lock is free
+        and the socket takes it whole, else through a handler thread. False if even that
+        is past the bounds (the peer floods us and does not read): close then."""
+        if self._wlock.acquire(blocking=False):
+            try:
+                sent = 0 if self._closed else self._sock.send(frame, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = len(frame)  # the peer is gone: nobody to answer
+            if sent == len(frame):
+                self._wlock.release()
+                return True
+            # The rest goes out from a handler thread, which releases the lock taken here
+            # (a threading.Lock may be released by any thread): the frame stays whole.
+            return self._hand_off(self._write_rest, memoryview(frame)[sent:], len(frame))
+        return self._hand_off(self._write_job, frame, len(frame))
+
+    def _hand_off(self, job: Callable[..., None], data: object, size: int) -> bool:
+        if not self._server._charge(self, 1, size):
+            if job is self._write_rest:
+                self._abandon_write()
+            return False
+        with self._state:
+            self._jobs += 1
+        try:
+            self._server._workers.run(job, data, size)
+        except RuntimeError:  # can't start new thread
+            if job is self._write_rest:
+                self._abandon_write()
+            self._job_done(size)
+            return False
+        return True
+
+    def _abandon_write(self) -> None:
+        # Part of a frame went out and the rest cannot: the stream is unusable.
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._wlock.release()
+
+    # -- handler threads -----------------------------------------------------
+
+    def _write_rest(self, rest: memoryview, size: int) -> None:
+        try:
+            self._sendall_locked(rest)
+        finally:
+            self._wlock.release()
+            self._job_done(size)
+
+    def _write_job(self, frame: bytes, size: int) -> None:
+        try:
+            self._write(frame)
+        finally:
+            self._job_done(size)
+
     def _write(self, data: bytes) -> None:
         with self._wlock:
-            if self._closed:
-                return  # the peer left; the answer has nobody to go to
-            try:
-                self._sock.sendall(data)
-            except OSError:
-                # Peer gone, or a partial frame went out: the stream is dead either way.
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._sendall_locked(data)
 
-    def _reply_error(self, stream_id: int, error: TTRPCError) -> None:
-        self._write(codec.encode_response(stream_id, error=error))
+    def _sendall_locked(self, data: bytes | memoryview) -> None:
+        if self._closed:
+            return  # the peer left; the answer has nobody to go to
+        try:
+            self._sock.sendall(data)  # SO_SNDTIMEO bounds the wait for a peer that does not read
+        except OSError:
+            # Peer gone, too slow, or a partial frame went out: the stream is dead either way.
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _job_done(self, size: int, sid: int | None = None) -> None:
+        self._server._charge(self, -1, -size)
+        with self._state:
+            self._jobs -= 1
+            if sid is not None:
+                self._inflight.discard(sid)
+            last = not self.reading and not self._jobs
+        if last:
+            self._close()
+
+    # -- requests (I/O thread) -------------------------------------------------
 
     def _dispatch(self, event: codec.Event) -> bool:
-        """Handle one event from the reader thread; False if the connection must close."""
+        """Handle one event from the reader; False if the connection must close."""
         if isinstance(event, codec.FramingError):
-            log.warning("ttrpc: closing connection: %s", event.reason)
+            self._server._warn_closed.warn(event.reason)
             return False
         if isinstance(event, codec.FrameTooLarge):
-            self._reply_error(event.stream_id, codec.too_large_error(event.length))
-            return True
+            return self._reply_error(event.stream_id, codec.too_large_error(event.length))
         sid = event.stream_id
         if sid % 2 != 1:
-            self._reply_error(
+            return self._reply_error(
                 sid, TTRPCError(Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams")
             )
-        elif event.type == codec.REQUEST:
-            self._request(event)
-        elif event.type == codec.DATA:
+        if event.type == codec.REQUEST:
+            return self._request(event)
+        if event.type == codec.DATA:
             with self._state:
                 active = sid in self._inflight
             if active:
@@ -335,18 +599,18 @@ class _Connection:
                 )
             else:
                 error = TTRPCError(Code.INVALID_ARGUMENT, "StreamID is no longer active")
-            self._reply_error(sid, error)
+            return self._reply_error(sid, error)
         # A Response from a client means nothing; Go ignores unknown kinds as well.
         return True
 
-    def _request(self, frame: codec.Frame) -> None:
+    def _request(self, frame: codec.Frame) -> bool:
         sid = frame.stream_id
         if sid <= self._last_id:
-            self._reply_error(
+            return self._reply_error(
                 sid, TTRPCError(Code.INVALID_ARGUMENT, "StreamID cannot be re-used and must increment")
             )
-            return
         self._last_id = sid
+        size = len(frame.data)
         try:
             req = codec.decode_request(frame.data)
             req_type, handler = self._server._lookup(req.service, req.method)
@@ -354,27 +618,29 @@ class _Connection:
                 raise TTRPCError(
                     Code.UNIMPLEMENTED, f"ttrpc: streaming is not supported by {req.service}/{req.method}"
                 )
-            with self._state:
-                if len(self._inflight) >= MAX_INFLIGHT:
-                    raise TTRPCError(
-                        Code.RESOURCE_EXHAUSTED, "ttrpc: too many requests in flight on this connection"
-                    )
-                self._inflight.add(sid)
+            if not self._server._charge(self, 1, size):
+                raise TTRPCError(
+                    Code.RESOURCE_EXHAUSTED, "ttrpc: too many requests in flight"
+                )
         except TTRPCError as exc:
-            self._reply_error(sid, exc)
-            return
+            return self._reply_error(sid, exc)
+        with self._state:
+            self._inflight.add(sid)
+            self._jobs += 1
         deadline = time.monotonic() + req.timeout_nano / 1e9 if req.timeout_nano > 0 else None
         metadata: dict[str, list[str]] = {}
         for kv in req.metadata:
             metadata.setdefault(kv.key.lower(), []).append(kv.value)
         ctx = Context(req.service, req.method, metadata, deadline)
         try:
-            self._server._workers.run(self._call, sid, req.payload, req_type, handler, ctx)
+            self._server._workers.run(self._call, sid, size, req.payload, req_type, handler, ctx)
         except RuntimeError as exc:  # can't start new thread
-            self._finish(sid, codec.encode_response(sid, error=TTRPCError(Code.RESOURCE_EXHAUSTED, str(exc))))
+            self._job_done(size, sid)
+            return self._reply_error(sid, TTRPCError(Code.RESOURCE_EXHAUSTED, str(exc)))
+        return True
 
     def _call(
-        self, sid: int, payload: bytes, req_type: type[Message], handler: Handler, ctx: Context
+        self, sid: int, size: int, payload: bytes, req_type: type[Message], handler: Handler, ctx: Context
     ) -> None:
         frame = None
         try:
@@ -389,15 +655,10 @@ class _Connection:
         finally:
             if frame is None:  # BaseException: still answer, and let it propagate
                 frame = codec.encode_response(sid, error=TTRPCError(Code.UNKNOWN, "ttrpc: handler aborted"))
-            self._finish(sid, frame)
-
-    def _finish(self, sid: int, frame: bytes) -> None:
-        self._write(frame)
-        with self._state:
-            self._inflight.discard(sid)
-            last = not self._reading and not self._inflight
-        if last:
-            self._close()
+            try:
+                self._write(frame)
+            finally:
+                self._job_done(size, sid)
 
 
 def _invoke(payload: bytes, req_type: type[Message], handler: Handler, ctx: Context) -> bytes:

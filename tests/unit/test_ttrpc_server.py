@@ -23,9 +23,8 @@ from shim.ttrpc import (
     codec,
     errdef,
 )
-from shim.ttrpc import server as server_module
 from shim.ttrpc.codec import REQUEST, RESPONSE, Decoder, Frame, encode_frame
-from shim.ttrpc.server import _Workers
+from shim.ttrpc.server import Limits, _Workers
 from shim.ttrpc.ttrpc_pb2 import Request, Response
 
 SERVICE = "test.v1.Echo"
@@ -337,8 +336,17 @@ def test_oversize_response_becomes_resource_exhausted(client):
     assert client.call(SERVICE, "Echo", StringValue(value="ok"), StringValue).value == "ok"
 
 
-def test_requests_in_flight_are_capped(running, raw, monkeypatch):
-    monkeypatch.setattr(server_module, "MAX_INFLIGHT", 2)
+def test_requests_in_flight_are_capped(sockdir):
+    running = Running(os.path.join(sockdir, "s.sock"), limits=Limits(calls_per_connection=2))
+    raw = Raw(running.path)
+    try:
+        _capped(running, raw)
+    finally:
+        raw.close()
+        running.stop()
+
+
+def _capped(running, raw):
     raw.request(1, SERVICE, "Block", StringValue(value="a").SerializeToString())
     raw.request(3, SERVICE, "Block", StringValue(value="b").SerializeToString())
     raw.request(5, SERVICE, "Block", StringValue(value="c").SerializeToString())
