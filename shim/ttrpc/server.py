@@ -25,13 +25,15 @@ largest). So:
   need about 400), 1024 on all connections together. A call past a bound is
   answered ResourceExhausted. The handler threads are these calls, so they are
   bounded by the same numbers (plus the I/O thread).
-- bytes held: a frame being read is at most the protocol's 4 MiB; a
-  connection's partial frame and the requests of its calls in flight together
-  at most 16 MiB, all connections together at most 64 MiB. A partial frame
-  past a bound closes its connection; a request past one is answered
-  ResourceExhausted.
+- bytes held: a frame being read is at most the protocol's 4 MiB; the
+  requests of a connection's calls in flight and its answers not yet sent at
+  most 16 MiB; all of it on all connections together at most 64 MiB. A
+  request past a bound is answered ResourceExhausted; a partial frame past
+  the total closes its connection, and so does an answer that cannot be
+  queued. While answers wait to be sent, the connection is not read (as a Go
+  server stops reading while its sender is blocked).
 - time: a frame once begun must be complete within 30 s (containerd writes a
-  frame whole) or its connection is closed; a response that cannot be written
+  frame whole) or its connection is closed; an answer that cannot be written
   within 30 s (the peer does not read) closes its connection.
 - fairness: each connection has a reserve of 8 calls and 256 KiB that the
   totals do not count, so a client that exhausts the totals cannot starve
@@ -44,6 +46,7 @@ counter per call.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -70,6 +73,7 @@ _ACCEPT_BATCH = 256  # accepts per wake-up before the connections get their turn
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _TIMEVAL = struct.Struct("ll")
 _LOG_EVERY = 10.0  # seconds between two warnings of one kind
+_NAME_QUOTED = 128  # characters of a service or method name quoted back in an error
 
 
 class Limits(NamedTuple):
@@ -189,6 +193,7 @@ class Server:
         self._shared_bytes = 0
         self._listener: socket.socket | None = None
         self._poller: select.epoll | None = None  # serve()'s; only its thread uses it
+        self._reading: dict[int, _Connection] = {}  # fd -> connection, while in the poller
         self._closing = False
         self._workers = _Workers()
         self._warn_refused = _Quiet("ttrpc: refused a connection: %d connections open")
@@ -215,30 +220,26 @@ class Server:
                 raise RuntimeError("ttrpc server is already serving")
             self._listener = listener
         poller = self._poller = select.epoll()
-        reading: dict[int, _Connection] = {}  # fd -> connection, only while registered
+        reading = self._reading
         try:
             listener.setblocking(False)
             lfd = listener.fileno()
             poller.register(lfd, select.EPOLLIN)
+            deferred = False  # the connection bound was reached in the last round
             while not self._closing:
-                for fd, _ in poller.poll(self._next_expiry(reading.values())):
+                for fd, mask in poller.poll(self._next_expiry()):
                     if fd == lfd:
-                        if not self._accept(listener, poller, reading):
-                            return
+                        deferred = self._accept(listener, deferred)
                     elif (conn := reading.get(fd)) is not None:
-                        conn.readable()
-                        if not conn.reading:
-                            del reading[fd]
+                        conn.ready(mask)
                 if self._closing:
                     break
                 now = time.monotonic()
                 for conn in [c for c in reading.values() if c.expired(now)]:
-                    self._warn_closed.warn(f"no complete frame within {self.limits.frame_timeout:g}s")
                     conn.abort()
-                    del reading[conn.fileno]
         finally:
-            for conn in reading.values():
-                conn.stop(poller)
+            for conn in list(reading.values()):
+                conn.stop()
             poller.close()
             listener.close()
             self._drain(grace)
@@ -257,16 +258,25 @@ class Server:
             except OSError:
                 pass
 
-    # -- internals ----------------------------------------------------------
+    # -- internals (the I/O thread) -----------------------------------------
 
-    def _accept(self, listener: socket.socket, poller: select.epoll,
-                reading: dict[int, _Connection]) -> bool:
-        """Accept what is queued (up to a batch); False when the listener is gone."""
+    def _accept(self, listener: socket.socket, deferred: bool) -> bool:
+        """Accept what is queued, up to a batch; True if the connection bound stopped it.
+
+        At the bound, the queue is left alone for one round: connections whose peers
+        already left (a burst of short connections) are reaped in that round and free
+        their slots. Still at the bound in the next round, the oldest queued connection
+        is accepted and closed at once, so that the listener does not spin the loop.
+        """
         for _ in range(_ACCEPT_BATCH):
+            with self._lock:
+                full = len(self._conns) >= self.limits.connections
+            if full and not deferred:
+                return True
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return True
+                return False
             except OSError as exc:
                 if self._closing:  # shutdown() woke the loop; accept() fails with EINVAL
                     return False
@@ -275,54 +285,54 @@ class Server:
                 # EMFILE and friends: back off rather than spin (level-triggered).
                 log.warning("ttrpc: accept failed: %s", exc)
                 time.sleep(0.1)
-                return True
+                return False
+            if full:
+                self._warn_refused.warn(len(self._conns))
+                sock.close()
+                return False
             if self._require_same_user:
                 ids = _peer_ids(sock)
                 if ids != (os.geteuid(), os.getegid()):
                     self._warn_user.warn(ids)
                     sock.close()
                     continue
-            with self._lock:
-                full = len(self._conns) >= self.limits.connections
-                if not full:
-                    conn = _Connection(self, sock)
-                    self._conns.add(conn)
-            if full:
-                self._warn_refused.warn(len(self._conns))
+            conn = _Connection(self, sock)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(
+                    int(self.limits.write_timeout), int(self.limits.write_timeout % 1 * 1e6)))
+                self._poller.register(conn.fileno, select.EPOLLIN)  # type: ignore[union-attr]
+            except OSError:
                 sock.close()
                 continue
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                                _TIMEVAL.pack(int(self.limits.write_timeout),
-                                              int(self.limits.write_timeout % 1 * 1e6)))
-                poller.register(conn.fileno, select.EPOLLIN)
-            except OSError:
-                conn.abort()
-                continue
-            reading[conn.fileno] = conn
-        return True
+            with self._lock:
+                self._conns.add(conn)
+            self._reading[conn.fileno] = conn
+        return False
 
-    def _next_expiry(self, conns: object) -> float:
-        """epoll's timeout: until the first partial frame times out, else forever (-1)."""
-        first = min((c.partial_since for c in conns if c.partial_since is not None), default=None)  # type: ignore[attr-defined]
+    def _next_expiry(self) -> float:
+        """epoll's timeout: until the first partial frame or unsent answer times out, else none."""
+        first = min((t for c in self._reading.values() if (t := c.deadline()) is not None),
+                    default=None)
         if first is None:
             return -1
-        return max(0.0, first + self.limits.frame_timeout - time.monotonic()) + 0.01
+        return max(0.0, first - time.monotonic()) + 0.01
 
-    def _charge(self, conn: _Connection, calls: int, nbytes: int) -> bool:
-        """Count `calls` and `nbytes` more (or fewer, if negative) for `conn`; False,
-        counting nothing, if that would pass a bound. Giving back always succeeds."""
+    def _charge(self, conn: _Connection, calls: int, nbytes: int, partial: int = 0) -> bool:
+        """Count `calls`, `nbytes` (requests in flight, answers queued) and `partial` (a
+        frame being read) more, or fewer if negative, for `conn`; False, counting nothing,
+        if that would pass a bound. Giving back always succeeds. A partial frame is bounded
+        per connection by the protocol's frame size (the decoder), here only in the total."""
         lim = self.limits
         with self._lock:
-            c, b = conn.calls + calls, conn.held + nbytes
+            c, b, p = conn.calls + calls, conn.held + nbytes, conn.partial + partial
             dc = max(0, c - lim.reserved_calls) - max(0, conn.calls - lim.reserved_calls)
-            db = max(0, b - lim.reserved_bytes) - max(0, conn.held - lim.reserved_bytes)
-            if (calls > 0 or nbytes > 0) and (
+            db = max(0, b + p - lim.reserved_bytes) - max(0, conn.held + conn.partial - lim.reserved_bytes)
+            if (calls > 0 or nbytes > 0 or partial > 0) and (
                 c > lim.calls_per_connection or b > lim.bytes_per_connection
                 or self._shared_calls + dc > lim.calls or self._shared_bytes + db > lim.bytes
             ):
                 return False
-            conn.calls, conn.held = c, b
+            conn.calls, conn.held, conn.partial = c, b, p
             self._shared_calls += dc
             self._shared_bytes += db
             return True
@@ -342,11 +352,16 @@ class Server:
     def _lookup(self, service: str, method: str) -> _Method:
         methods = self._services.get(service)
         if methods is None:
-            raise TTRPCError(Code.UNIMPLEMENTED, f"service {service}")
+            raise TTRPCError(Code.UNIMPLEMENTED, f"service {_cut(service)}")
         entry = methods.get(method)
         if entry is None:
-            raise TTRPCError(Code.UNIMPLEMENTED, f"method {method}")
+            raise TTRPCError(Code.UNIMPLEMENTED, f"method {_cut(method)}")
         return entry
+
+
+def _cut(name: str) -> str:
+    """A client's name as quoted back in an error: short, so an answer stays small."""
+    return name if len(name) <= _NAME_QUOTED else name[:_NAME_QUOTED] + "..."
 
 
 def _peer_ids(sock: socket.socket) -> tuple[int, int] | None:
@@ -365,8 +380,13 @@ def _peer_ids(sock: socket.socket) -> tuple[int, int] | None:
 class _Connection:
     """One client connection.
 
-    Reading happens only in the server's I/O thread (readable()); writing in
-    handler threads, or in the I/O thread when a frame goes out at once.
+    Reading happens only in the server's I/O thread (ready()), and so do the
+    answers that thread gives itself (protocol errors, refusals): those are
+    small, so a non-blocking send takes one whole or none; what the socket does
+    not take waits in `_queued`, and the connection is not read meanwhile (the
+    peer gets back-pressure, as from Go's server). Handler threads write their
+    answers with a blocking send bounded by SO_SNDTIMEO.
+
     Locks: `_wlock` serializes writes and the final close, so a frame is never
     interleaved and the fd is never closed under a writer; the I/O thread only
     ever tries it without waiting. `_state` guards the bookkeeping below and is
@@ -377,8 +397,8 @@ class _Connection:
     """
 
     __slots__ = ("_server", "_sock", "fileno", "_wlock", "_state", "_inflight", "_jobs",
-                 "reading", "_closed", "_last_id", "_decoder", "partial_since", "calls", "held",
-                 "_buffered")
+                 "reading", "_closed", "_last_id", "_decoder", "_partial_since", "calls", "held",
+                 "partial", "_queued", "_queued_since")
 
     def __init__(self, server: Server, sock: socket.socket) -> None:
         self._server = server
@@ -387,19 +407,28 @@ class _Connection:
         self._wlock = threading.Lock()
         self._state = threading.Lock()
         self._inflight: set[int] = set()  # stream ids whose handler runs
-        self._jobs = 0  # handler threads working for this connection (calls, writes)
+        self._jobs = 0  # calls in flight (handler threads working for this connection)
         self.reading = True
         self._closed = False
         self._last_id = 0
         self._decoder = codec.Decoder()
-        self.partial_since: float | None = None  # when the frame being read was begun
-        self.calls = 0  # what the server's bounds count for this connection (Server._lock)
-        self.held = 0
-        self._buffered = 0  # the decoder's bytes, as counted in `held`
+        self._partial_since: float | None = None  # when the frame being read was begun
+        self._queued: collections.deque[bytes] = collections.deque()  # answers not yet sent
+        self._queued_since: float | None = None
+        # What the server's bounds count for this connection (under Server._lock):
+        self.calls = 0
+        self.held = 0  # bytes of requests in flight and of queued answers
+        self.partial = 0  # bytes of the frame being read
 
     # -- the I/O thread ------------------------------------------------------
 
-    def readable(self) -> None:
+    def ready(self, mask: int) -> None:
+        if self._queued:
+            if mask & (select.EPOLLHUP | select.EPOLLERR):
+                self.abort()  # the peer is gone; so are its answers
+            else:
+                self._flush()
+            return
         try:
             data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
@@ -411,61 +440,74 @@ class _Connection:
             return
         decoder = self._decoder
         server = self._server
-        server._charge(self, 0, -self._buffered)  # the partial frame becomes frames
-        self._buffered = 0
+        server._charge(self, 0, 0, -self.partial)  # the partial frame becomes frames
         for event in decoder.feed(data):
             if not self._dispatch(event):
                 self._stop_reading(clean=False)
                 return
         if decoder.between_frames:
-            self.partial_since = None
+            self._partial_since = None
         else:
-            if self.partial_since is None:
-                self.partial_since = time.monotonic()
-            held = decoder.buffered
-            if not server._charge(self, 0, held):
-                server._warn_closed.warn(f"a partial frame of {held} bytes is past the bounds")
+            if self._partial_since is None:
+                self._partial_since = time.monotonic()
+            if not server._charge(self, 0, 0, decoder.buffered):
+                server._warn_closed.warn(f"a partial frame of {decoder.buffered} bytes is past the bounds")
                 self._stop_reading(clean=False)
                 return
-            self._buffered = held
+        if self._queued:
+            self._watch(select.EPOLLOUT)  # read no more until the answers are out
+
+    def deadline(self) -> float | None:
+        """When waiting for the peer ends this connection: for the rest of a frame begun
+        (frame_timeout), or for it to read its answers (write_timeout); None if not waiting."""
+        limits = self._server.limits
+        if self._queued:
+            return self._queued_since + limits.write_timeout  # type: ignore[operator]
+        if self._partial_since is not None:
+            return self._partial_since + limits.frame_timeout
+        return None
 
     def expired(self, now: float) -> bool:
-        return self.partial_since is not None and now - self.partial_since > self._server.limits.frame_timeout
+        deadline = self.deadline()
+        if deadline is None or now <= deadline:
+            return False
+        limits = self._server.limits
+        self._server._warn_closed.warn(
+            f"answers not read within {limits.write_timeout:g}s" if self._queued
+            else f"no complete frame within {limits.frame_timeout:g}s")
+        return True
 
-    def stop(self, poller: select.epoll) -> None:
+    def stop(self) -> None:
         """The server is closing: read no more; close once the calls in flight are answered."""
-        try:
-            poller.unregister(self.fileno)
-        except OSError:
-            pass
-        self._stop_reading(clean=True, registered=False)
+        self._stop_reading(clean=True)
 
     def abort(self) -> None:
         """Cut the connection now: a blocked write fails, and the fd is closed."""
-        with self._state:
-            if not self._closed:
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
         self._stop_reading(clean=False)
         self._close()
 
-    def _stop_reading(self, *, clean: bool, registered: bool = True) -> None:
+    def _watch(self, events: int) -> None:
+        try:
+            self._server._poller.modify(self.fileno, events)  # type: ignore[union-attr]
+        except OSError:
+            self.abort()
+
+    def _stop_reading(self, *, clean: bool) -> None:
         """No more reading. The fd must leave epoll before anyone may close it (so that a
         reused fd number is never unregistered by mistake): hence first unregister, then
         publish `reading = False`, which lets the last handler close."""
-        with self._state:
-            if not self.reading:
-                return
-        if registered:  # only the I/O thread gets here, and only while serve() runs
-            try:
-                self._server._poller.unregister(self.fileno)
-            except (OSError, ValueError, AttributeError):
-                pass
-        self._server._charge(self, 0, -self._buffered)
-        self._buffered = 0
-        self.partial_since = None
+        if not self.reading:
+            return
+        server = self._server
+        server._reading.pop(self.fileno, None)
+        try:
+            server._poller.unregister(self.fileno)  # type: ignore[union-attr]
+        except (OSError, ValueError):  # poller closed: the fd leaves it when closed
+            pass
+        queued = sum(map(len, self._queued))
+        self._queued.clear()
+        server._charge(self, 0, -queued, -self.partial)
+        self._partial_since = None
         if not clean:
             with self._state:
                 if not self._closed:
@@ -479,6 +521,55 @@ class _Connection:
         if idle:
             self._close()
 
+    def _reply_error(self, stream_id: int, error: TTRPCError) -> bool:
+        """Answer from the I/O thread; False if the connection must close."""
+        frame = codec.encode_response(stream_id, error=error)
+        if not self._queued and self._try_send(frame):
+            return True
+        if not self._server._charge(self, 0, len(frame)):
+            self._server._warn_closed.warn("too many answers not read")
+            return False
+        if not self._queued:
+            self._queued_since = time.monotonic()
+        self._queued.append(frame)
+        return True
+
+    def _try_send(self, frame: bytes) -> bool:
+        """Send one small frame whole without waiting; False if it has to wait."""
+        if not self._wlock.acquire(blocking=False):
+            return False  # a handler thread is writing
+        try:
+            if self._closed:
+                return True
+            sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # the peer is gone: nobody to answer; reading sees it next
+        finally:
+            self._wlock.release()
+        if sent != len(frame):  # cannot happen for a frame this small; the stream is broken
+            self._shut()
+        return True
+
+    def _flush(self) -> None:
+        while self._queued:
+            frame = self._queued[0]
+            if not self._try_send(frame):
+                return  # EPOLLOUT again later
+            self._queued.popleft()
+            self._server._charge(self, 0, -len(frame))
+        self._queued_since = None
+        self._watch(select.EPOLLIN)
+
+    def _shut(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # -- handler threads -----------------------------------------------------
+
     def _close(self) -> None:
         with self._wlock, self._state:
             if self._closed:
@@ -487,89 +578,21 @@ class _Connection:
             self._sock.close()
         self._server._forget(self)
 
-    def _reply_error(self, stream_id: int, error: TTRPCError) -> bool:
-        return self._send_now(codec.encode_response(stream_id, error=error))
-
-    def _send_now(self, frame: bytes) -> bool:
-        """Write a frame from the I/O thread without waiting: at once if the lock is free
-        and the socket takes it whole, else through a handler thread. False if even that
-        is past the bounds (the peer floods us and does not read): close then."""
-        if self._wlock.acquire(blocking=False):
-            try:
-                sent = 0 if self._closed else self._sock.send(frame, socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = len(frame)  # the peer is gone: nobody to answer
-            if sent == len(frame):
-                self._wlock.release()
-                return True
-            # The rest goes out from a handler thread, which releases the lock taken here
-            # (a threading.Lock may be released by any thread): the frame stays whole.
-            return self._hand_off(self._write_rest, memoryview(frame)[sent:], len(frame))
-        return self._hand_off(self._write_job, frame, len(frame))
-
-    def _hand_off(self, job: Callable[..., None], data: object, size: int) -> bool:
-        if not self._server._charge(self, 1, size):
-            if job is self._write_rest:
-                self._abandon_write()
-            return False
-        with self._state:
-            self._jobs += 1
-        try:
-            self._server._workers.run(job, data, size)
-        except RuntimeError:  # can't start new thread
-            if job is self._write_rest:
-                self._abandon_write()
-            self._job_done(size)
-            return False
-        return True
-
-    def _abandon_write(self) -> None:
-        # Part of a frame went out and the rest cannot: the stream is unusable.
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._wlock.release()
-
-    # -- handler threads -----------------------------------------------------
-
-    def _write_rest(self, rest: memoryview, size: int) -> None:
-        try:
-            self._sendall_locked(rest)
-        finally:
-            self._wlock.release()
-            self._job_done(size)
-
-    def _write_job(self, frame: bytes, size: int) -> None:
-        try:
-            self._write(frame)
-        finally:
-            self._job_done(size)
-
     def _write(self, data: bytes) -> None:
         with self._wlock:
-            self._sendall_locked(data)
-
-    def _sendall_locked(self, data: bytes | memoryview) -> None:
-        if self._closed:
-            return  # the peer left; the answer has nobody to go to
-        try:
-            self._sock.sendall(data)  # SO_SNDTIMEO bounds the wait for a peer that does not read
-        except OSError:
-            # Peer gone, too slow, or a partial frame went out: the stream is dead either way.
+            if self._closed:
+                return  # the peer left; the answer has nobody to go to
             try:
-                self._sock.shutdown(socket.SHUT_RDWR)
+                self._sock.sendall(data)  # SO_SNDTIMEO bounds the wait for a peer that does not read
             except OSError:
-                pass
+                # Peer gone, too slow, or a partial frame went out: the stream is dead either way.
+                self._shut()
 
-    def _job_done(self, size: int, sid: int | None = None) -> None:
+    def _job_done(self, size: int, sid: int) -> None:
         self._server._charge(self, -1, -size)
         with self._state:
             self._jobs -= 1
-            if sid is not None:
-                self._inflight.discard(sid)
+            self._inflight.discard(sid)
             last = not self.reading and not self._jobs
         if last:
             self._close()
@@ -616,12 +639,11 @@ class _Connection:
             req_type, handler = self._server._lookup(req.service, req.method)
             if frame.flags:
                 raise TTRPCError(
-                    Code.UNIMPLEMENTED, f"ttrpc: streaming is not supported by {req.service}/{req.method}"
+                    Code.UNIMPLEMENTED,
+                    f"ttrpc: streaming is not supported by {_cut(req.service)}/{_cut(req.method)}",
                 )
             if not self._server._charge(self, 1, size):
-                raise TTRPCError(
-                    Code.RESOURCE_EXHAUSTED, "ttrpc: too many requests in flight"
-                )
+                raise TTRPCError(Code.RESOURCE_EXHAUSTED, "ttrpc: too many requests in flight")
         except TTRPCError as exc:
             return self._reply_error(sid, exc)
         with self._state:
