@@ -3,7 +3,7 @@
 # (scripts/containerd_versions.py: Debian's .debs unpacked under .work/, cached), then run:
 #   1. pytest tests                       unit tests, and the end-to-end tests against the
 #                                         containerd on PATH (Debian 12: 1.6)
-#   2. pytest tests --ignore=tests/unit   the end-to-end tests again for each later containerd
+#   2. pytest tests --ignore=tests/unit --ignore=tests/fuzz   the end-to-end tests again for each later containerd
 #                                         (CONTAINERD_BIN/CTR_BIN = .work/containerd-SERIES/usr/bin/…)
 # Extra arguments go to every pytest run. Every run happens; the exit status is the first failing
 # run's, else 0 if any test ran, else 5 (pytest's "no tests collected").
@@ -37,7 +37,7 @@ fold $?
 while read -r series version bindir; do
   [ -n "$series" ] || continue
   banner "end-to-end tests against containerd $version (Debian package, series $series)"
-  CONTAINERD_BIN="$bindir/containerd" CTR_BIN="$bindir/ctr" .venv/bin/python -m pytest tests --ignore=tests/unit "$@"
+  CONTAINERD_BIN="$bindir/containerd" CTR_BIN="$bindir/ctr" .venv/bin/python -m pytest tests --ignore=tests/unit --ignore=tests/fuzz "$@"
   fold $?
 done <<<"$builds"
 exit "$result"
