@@ -225,11 +225,10 @@ class Server:
             listener.setblocking(False)
             lfd = listener.fileno()
             poller.register(lfd, select.EPOLLIN)
-            deferred = False  # the connection bound was reached in the last round
             while not self._closing:
                 for fd, mask in poller.poll(self._next_expiry()):
                     if fd == lfd:
-                        deferred = self._accept(listener, deferred)
+                        self._accept(listener)
                     elif (conn := reading.get(fd)) is not None:
                         conn.ready(mask)
                 if self._closing:
@@ -260,36 +259,40 @@ class Server:
 
     # -- internals (the I/O thread) -----------------------------------------
 
-    def _accept(self, listener: socket.socket, deferred: bool) -> bool:
-        """Accept what is queued, up to a batch; True if the connection bound stopped it.
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept what is queued, up to a batch.
 
-        At the bound, the queue is left alone for one round: connections whose peers
-        already left (a burst of short connections) are reaped in that round and free
-        their slots. Still at the bound in the next round, the oldest queued connection
-        is accepted and closed at once, so that the listener does not spin the loop.
+        At the connection bound, the connections whose peers have left (as after a burst
+        of short connections) are reaped first; if that frees no slot, the queued
+        connections are accepted and closed at once, so that the listener neither spins
+        the loop nor lets its queue fill up.
         """
+        reaped = False
         for _ in range(_ACCEPT_BATCH):
             with self._lock:
                 full = len(self._conns) >= self.limits.connections
-            if full and not deferred:
-                return True
+            if full and not reaped:
+                self._reap()
+                reaped = True
+                with self._lock:
+                    full = len(self._conns) >= self.limits.connections
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return False
+                return
             except OSError as exc:
                 if self._closing:  # shutdown() woke the loop; accept() fails with EINVAL
-                    return False
+                    return
                 if exc.errno in (errno.EBADF, errno.EINVAL, errno.ENOTSOCK):
                     raise  # the listener itself is gone
                 # EMFILE and friends: back off rather than spin (level-triggered).
                 log.warning("ttrpc: accept failed: %s", exc)
                 time.sleep(0.1)
-                return False
+                return
             if full:
                 self._warn_refused.warn(len(self._conns))
                 sock.close()
-                return False
+                continue
             if self._require_same_user:
                 ids = _peer_ids(sock)
                 if ids != (os.geteuid(), os.getegid()):
@@ -307,7 +310,13 @@ class Server:
             with self._lock:
                 self._conns.add(conn)
             self._reading[conn.fileno] = conn
-        return False
+
+    def _reap(self) -> None:
+        """Handle what the connections have pending now (EOFs first of all), without waiting."""
+        lfd = self._listener.fileno()  # type: ignore[union-attr]
+        for fd, mask in self._poller.poll(0):  # type: ignore[union-attr]
+            if fd != lfd and (conn := self._reading.get(fd)) is not None:
+                conn.ready(mask)
 
     def _next_expiry(self) -> float:
         """epoll's timeout: until the first partial frame or unsent answer times out, else none."""

@@ -258,7 +258,15 @@ def test_live_socket_fuzz_leaves_the_shim_serving_and_holding_nothing(containerd
         rnd = random.Random(seed)
         peak = base
         for _ in range(ROUNDS):
-            left_open, senders = fuzz_round(path, service, cid, rnd)
+            try:
+                left_open, senders = fuzz_round(path, service, cid, rnd)
+            except ConnectionRefusedError:
+                if containerd.runtime != PYSHIM and not shims.alive(pid):
+                    # containerd 2.1's runc-v2 (ttrpc 1.2.7) panics on a Data frame for a stream
+                    # that was never opened: "interface conversion: interface {} is nil, not
+                    # *ttrpc.streamHandler"; containerd then cleans the task up as a dead shim.
+                    pytest.xfail(f"{containerd.runtime}'s shim died during the fuzz (seed {seed})")
+                raise
             time.sleep(0.3)
             peak = max(peak, shim_figures(pid))
             assert containerd.task_pids(cid), f"seed {seed}: containerd lost the shim during the fuzz"

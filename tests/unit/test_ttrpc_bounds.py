@@ -137,9 +137,10 @@ def test_connections_past_the_bound_are_closed(bounded):
     held = [Raw(bounded.path) for _ in range(3)]
     try:
         assert first.call(SERVICE, "Echo", StringValue(value="a"), StringValue).value == "a"
-        extra = Raw(bounded.path)  # the fifth
-        assert closed_by_server(extra)
-        extra.close()
+        extras = [Raw(bounded.path) for _ in range(20)]  # the fifth and more: all refused
+        assert all(closed_by_server(extra) for extra in extras)
+        for extra in extras:
+            extra.close()
         assert first.call(SERVICE, "Echo", StringValue(value="b"), StringValue).value == "b"
         held.pop().close()  # a slot is free again
         deadline = time.monotonic() + 5
@@ -276,6 +277,7 @@ def test_a_flood_of_bad_requests_without_reading_stalls_nobody(running):
         assert time.monotonic() - start < 1.0
         assert threading.active_count() <= threads + 2  # the sender, the Echo: the answers cost none
     finally:
+        hog.shutdown(socket.SHUT_RDWR)  # fails the sender's blocked sendall
         hog.close()
         sender.join(5)
 
