@@ -7,7 +7,7 @@
 #   2. pytest tests/e2e                   the end-to-end tests again against the shim of the built
 #                                         wheel (python -m build), installed into a fresh venv in a
 #                                         temporary directory (PYSHIM_SHIM_DIR = its bin)
-#   3. pytest tests --ignore=tests/unit   the end-to-end tests again for each later containerd
+#   3. pytest tests --ignore=tests/unit --ignore=tests/fuzz   the end-to-end tests again for each later containerd
 #                                         (CONTAINERD_BIN/CTR_BIN = .work/containerd-SERIES/usr/bin/…)
 # Extra arguments go to every pytest run. Every run happens; the exit status is the first failing
 # run's, else 0 if any test ran, else 5 (pytest's "no tests collected").
@@ -67,7 +67,7 @@ fi
 while read -r series version bindir; do
   [ -n "$series" ] || continue
   banner "end-to-end tests against containerd $version (Debian package, series $series)"
-  CONTAINERD_BIN="$bindir/containerd" CTR_BIN="$bindir/ctr" .venv/bin/python -m pytest tests --ignore=tests/unit "$@"
+  CONTAINERD_BIN="$bindir/containerd" CTR_BIN="$bindir/ctr" .venv/bin/python -m pytest tests --ignore=tests/unit --ignore=tests/fuzz "$@"
   fold $?
 done <<<"$builds"
 exit "$result"
