@@ -501,7 +501,7 @@ class TaskService:
         c = init.container
         try:
             spec = json.loads(req.spec.value or b"{}")
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
             raise InvalidArgument(f"exec {req.exec_id}: process spec is not JSON: {e}") from None
         if not isinstance(spec, dict):
             raise InvalidArgument(f"exec {req.exec_id}: the process spec is not a JSON object")
@@ -540,7 +540,7 @@ class TaskService:
                 os.kill(p.pid, req.signal)
             except ProcessLookupError:
                 raise NotFound(f"{p.name}: process already finished") from None
-            except (OverflowError, ValueError):
+            except (OverflowError, ValueError, OSError):  # EINVAL: no such signal
                 raise InvalidArgument(f"kill {p.name}: invalid signal {req.signal}") from None
         return Empty()
 
