@@ -41,7 +41,8 @@ from shim.linux.cgroups import Cgroup
 from shim.task.events import Publisher, timestamp_of
 from shim.linux.oom import OOMWatcher
 from shim.linux.reaper import Reaper
-from shim.runtime.runc import Runc, RuncConfig, RuncError
+from shim.task import confine
+from shim.runtime.runc import Runc, RuncConfig, RuncError, request_deadline
 from shim.task.state import Lifecycle, State
 from shim.runtime.stdio import ProcessIO
 from shim.ttrpc import Code, Context, TTRPCError
@@ -259,11 +260,8 @@ class TaskService:
         cid = req.id
         if not cid or "/" in cid or cid in (".", ".."):
             raise TTRPCError(Code.INVALID_ARGUMENT, f"invalid container id {cid!r}")
+        confine.check_create(req, self.bundle_parent)  # bundle, mount targets, stdio
         bundle = os.path.realpath(req.bundle)
-        if os.path.dirname(bundle) != self.bundle_parent or os.path.basename(bundle) != cid:
-            raise TTRPCError(Code.INVALID_ARGUMENT,
-                             f"create {cid}: bundle {req.bundle} is not this namespace's "
-                             f"bundle for {cid}")
         with self._lock:
             if cid in self.containers:
                 raise TTRPCError(Code.ALREADY_EXISTS, f"container {cid}: already exists")
@@ -531,6 +529,7 @@ class TaskService:
         c = self._container(req.id)
         if not req.exec_id or "/" in req.exec_id:
             raise TTRPCError(Code.INVALID_ARGUMENT, f"invalid exec id {req.exec_id!r}")
+        confine.check_exec(req)  # its stdio
         init = self._process(req.id, "")
         with init.lock:
             init.life.check("exec")  # a stopped init is refused here
@@ -713,6 +712,7 @@ def _traced(name: str, handler: Callable) -> Callable:
         target = getattr(req, "id", "")
         if getattr(req, "exec_id", ""):
             target += f" exec {req.exec_id}"
+        deadline = request_deadline.set(ctx.deadline)  # bounds the runc commands of the call
         try:
             return handler(req, ctx)
         except TTRPCError as e:
@@ -721,6 +721,7 @@ def _traced(name: str, handler: Callable) -> Callable:
             log.log(level, "%s %s failed: %s (%s)", name, target, e.message, e.code.name)
             raise
         finally:
+            request_deadline.reset(deadline)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s %s: %.1f ms", name, target, (time.monotonic() - start) * 1e3)
     return call
