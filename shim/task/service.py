@@ -129,6 +129,7 @@ class TaskService:
         self.oom = OOMWatcher(self._oom, start=False)
         self.containers: dict[str, Container] = {}
         self._lock = threading.Lock()  # guards `containers`
+        self._shutdown_asked = False  # a Shutdown came (guarded by _lock)
         self._exit_lock = threading.Lock()
         self._pids: dict[int, list[Process]] = {}
         self._launching = 0
@@ -272,6 +273,11 @@ class TaskService:
         except BaseException:
             with self._lock:
                 del self.containers[cid]
+                # containerd gave up on this Create (its deadline) and asked the shim to
+                # shut down meanwhile: nobody will ask again.
+                abandoned = self._shutdown_asked and not self.containers
+            if abandoned:
+                self.request_shutdown()
             raise
         with self._lock:
             if self.containers.get(cid) is placeholder:
@@ -678,12 +684,25 @@ class TaskService:
 
     def Connect(self, req: pb.ConnectRequest, ctx: Context) -> pb.ConnectResponse:
         c = self.containers.get(req.id)
+        if c is None and self._forgotten():
+            raise not_found(f"container {req.id}")
         task_pid = c.init.pid if c is not None and c.init is not None else 0
         return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=task_pid)
+
+    def _forgotten(self) -> bool:
+        """A restarted containerd connects to a shim that holds no container at all: it was
+        started for a Create that never came (containerd died in between). Nobody will ask it
+        for anything: it shuts down, and containerd, told NotFound, cleans up the bundle."""
+        with self._lock:
+            if self.containers:
+                return False
+        self.request_shutdown()
+        return True
 
     def Shutdown(self, req: pb.ShutdownRequest, ctx: Context) -> Empty:
         with self._lock:
             idle = not self.containers
+            self._shutdown_asked = True
         if idle:
             self.request_shutdown()
         return Empty()
