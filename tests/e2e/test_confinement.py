@@ -10,11 +10,14 @@ directories a request names are checked to be untouched.
 """
 import json
 import os
-import threading
+import shutil
+import subprocess
+import time
 
 import pytest
 from google.protobuf.any_pb2 import Any
 
+from e2e.harness import RUNC_V2_ROOT
 from e2e.shimapi import PYSHIM, ShimClient
 from e2e.shims import bundle
 from e2e.tasks import fifo_dir, remove
@@ -49,16 +52,6 @@ def sleeper(containerd, ctr, cid):
     remove(containerd, ctr, cid)
 
 
-def refusal(call, field):
-    """The TTRPCError of `call()`, which must be InvalidArgument naming `field`; None if it
-    was accepted."""
-    try:
-        call()
-    except TTRPCError as e:
-        return e
-    return None
-
-
 def judge(containerd, error, field, accepted_does):
     """pyshim refuses with InvalidArgument naming the field; for another runtime, record what
     it did instead as an expected failure."""
@@ -69,115 +62,152 @@ def judge(containerd, error, field, accepted_does):
     assert error.code == Code.INVALID_ARGUMENT and error.message.startswith(f"{field} "), error
 
 
-def run_exec(shim, cid, exec_id):
-    """Start an accepted exec, wait for it and delete it (for a runtime that accepted it)."""
+@pytest.fixture
+def fifos(tmp_path):
+    """fifo(name): a FIFO with a reader open (non-blocking), as a client would have; read(name)
+    returns what was written to it so far."""
+    readers = {}
+
+    def fifo(name):
+        path = tmp_path / name
+        os.mkfifo(path)
+        readers[name] = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return str(path)
+
+    def read(name):
+        chunks = []
+        while True:
+            try:
+                data = os.read(readers[name], 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+    fifo.read = read
+    yield fifo
+    for fd in readers.values():
+        os.close(fd)
+
+
+def try_exec(shim, cid, exec_id, request):
+    """Exec; if accepted, Start, Wait and Delete it. (the Exec's TTRPCError or None, what
+    happened after an accepted Exec)."""
+    try:
+        shim.call("Exec", request)
+    except TTRPCError as e:
+        return e, ""
     try:
         shim.call("Start", task_pb2.StartRequest(id=cid, exec_id=exec_id))
-        shim.call("Wait", task_pb2.WaitRequest(id=cid, exec_id=exec_id))
-    finally:
-        try:
-            shim.call("Delete", task_pb2.DeleteRequest(id=cid, exec_id=exec_id))
-        except TTRPCError:
-            pass
+        status = shim.call("Wait", task_pb2.WaitRequest(id=cid, exec_id=exec_id)).exit_status
+        after = f"its Start succeeded (exit status {status})"
+    except TTRPCError as e:
+        after = f"its Start failed: {e.code.name} {e.message}"
+    try:
+        shim.call("Delete", task_pb2.DeleteRequest(id=cid, exec_id=exec_id))
+    except TTRPCError:
+        pass
+    return None, after
 
 
-def test_exec_stdout_naming_a_regular_file(containerd, sleeper, tmp_path):
+def test_exec_stdout_naming_a_regular_file(containerd, sleeper, tmp_path, fifos):
     victim = tmp_path / "victim"
     victim.write_text("original\n")
     with ShimClient(containerd, sleeper) as shim:
         request = exec_request(sleeper, "to-file", sleeper_spec(containerd, sleeper, ["echo", "overwritten"]),
-                               stdout=str(victim))
-        error = refusal(lambda: shim.call("Exec", request), "stdout")
-        if error is None:
-            run_exec(shim, sleeper, "to-file")
+                               stdout=str(victim), stderr=fifos("err"))
+        error, after = try_exec(shim, sleeper, "to-file", request)
     written = victim.read_text()
-    judge(containerd, error, "stdout", f", and writes the exec's output into the file: {written!r}")
+    judge(containerd, error, "stdout", f"; {after}, and the file now holds {written!r}")
     assert written == "original\n"
 
 
-def test_exec_stdin_naming_a_regular_file(containerd, sleeper, tmp_path):
+def test_exec_stdin_naming_a_regular_file(containerd, sleeper, tmp_path, fifos):
     secret = tmp_path / "secret"
     secret.write_text("host secret\n")
-    out = tmp_path / "out"
-    os.mkfifo(out)
-    reader = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
-    got = []
     with ShimClient(containerd, sleeper) as shim:
         request = exec_request(sleeper, "from-file", sleeper_spec(containerd, sleeper, ["cat"]),
-                               stdin=str(secret), stdout=str(out))
-        error = refusal(lambda: shim.call("Exec", request), "stdin")
-        if error is None:
-            thread = threading.Thread(target=lambda: got.append(_read_all(reader)), daemon=True)
-            run_exec(shim, sleeper, "from-file")
-            thread.start()
-            thread.join(5)
-    os.close(reader)
-    judge(containerd, error, "stdin", f", and feeds the file to the container: it read {got!r}")
+                               stdin=str(secret), stdout=fifos("out"), stderr=fifos("err"))
+        error, after = try_exec(shim, sleeper, "from-file", request)
+        time.sleep(0.5)  # the copy to the FIFO
+    judge(containerd, error, "stdin", f"; {after}, and the container read {fifos.read('out')!r}")
 
 
-def _read_all(fd):
-    chunks = []
-    while True:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            break
-        if not data:
-            break
-        chunks.append(data)
-    return b"".join(chunks)
-
-
-def test_exec_stdout_naming_a_device(containerd, sleeper):
+def test_exec_stdout_naming_a_device(containerd, sleeper, fifos):
     with ShimClient(containerd, sleeper) as shim:
-        request = exec_request(sleeper, "to-dev", sleeper_spec(containerd, sleeper, ["true"]), stdout="/dev/null")
-        error = refusal(lambda: shim.call("Exec", request), "stdout")
-        if error is None:
-            run_exec(shim, sleeper, "to-dev")
-    judge(containerd, error, "stdout", " (opens the character device for writing)")
+        request = exec_request(sleeper, "to-dev", sleeper_spec(containerd, sleeper, ["echo", "to a device"]),
+                               stdout="/dev/null", stderr=fifos("err"))
+        error, after = try_exec(shim, sleeper, "to-dev", request)
+    judge(containerd, error, "stdout", f"; {after} (it opened the character device for writing)")
+
+
+@pytest.fixture
+def new_bundle(containerd, sleeper):
+    """make(path): a bundle at `path` that would work (the sleeper's config.json, an empty rootfs
+    directory), so that a runtime that accepts a hostile Create really creates; everything it
+    made is removed afterwards."""
+    made = []
+
+    def make(path):
+        path.mkdir()
+        (path / "rootfs").mkdir()
+        shutil.copy(bundle(containerd, sleeper) / "config.json", path / "config.json")
+        made.append(path)
+        return path
+
+    yield make
+    for path in made:
+        subprocess.run(["runc", "--root", str(RUNC_V2_ROOT / containerd.namespace), "delete", "--force", path.name],
+                       capture_output=True, timeout=30)
+        for point in mounts_under(path):
+            subprocess.run(["umount", "-l", point], check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def try_create(shim, request):
+    """Create; if accepted, Delete it again. The Create's TTRPCError, or None."""
+    try:
+        shim.call("Create", request)
+    except TTRPCError as e:
+        return e
+    try:
+        shim.call("Delete", task_pb2.DeleteRequest(id=request.id))
+    except TTRPCError:
+        pass
+    return None
 
 
 @pytest.mark.parametrize("case", ["dotdot", "elsewhere"])
-def test_create_with_a_bundle_outside_the_state_dir(containerd, sleeper, tmp_path, case):
+def test_create_with_a_bundle_outside_the_state_dir(containerd, sleeper, tmp_path, new_bundle, case):
     new = containerd.new_id("hostile-bundle")
-    if case == "dotdot":
-        path = f"{bundle(containerd, sleeper)}/../{new}"
-        made = bundle(containerd, new)
+    if case == "dotdot":  # the bundle of another id, reached through the sleeper's
+        made = new_bundle(bundle(containerd, new).with_name(new + "-other"))
+        path = f"{bundle(containerd, sleeper)}/../{made.name}"
     else:
-        path = str(tmp_path / new)
-        made = tmp_path / new
-    made.mkdir()
-    try:
-        with ShimClient(containerd, sleeper) as shim:
-            error = refusal(lambda: shim.call("Create", task_pb2.CreateTaskRequest(id=new, bundle=path)), "bundle")
-        judge(containerd, error, "bundle", "")
-        assert sorted(os.listdir(made)) == [], "the shim wrote into the bundle it refused"
-    finally:
-        for entry in made.iterdir():
-            entry.unlink()
-        made.rmdir()
+        made = new_bundle(tmp_path / new)
+        path = str(made)
+    with ShimClient(containerd, sleeper) as shim:
+        error = try_create(shim, task_pb2.CreateTaskRequest(id=new, bundle=path))
+    left = sorted(os.listdir(made))
+    judge(containerd, error, "bundle", f" and creates the container there (the bundle then holds {left})")
+    assert left == ["config.json", "rootfs"], "the shim wrote into the bundle it refused"
 
 
 @pytest.mark.parametrize("target", ["../../../../escape", "sub/../../escape"])
-def test_create_with_a_mount_target_outside_the_rootfs(containerd, sleeper, tmp_path, target):
+def test_create_with_a_mount_target_outside_the_rootfs(containerd, sleeper, tmp_path, new_bundle, target):
     """A bind mount whose target climbs out of the new container's rootfs (containerd 2.x mounts
-    carry a target): refused, and nothing is mounted anywhere below the test's directories."""
+    carry a target): refused, and nothing is mounted outside the rootfs."""
     new = containerd.new_id("hostile-mount")
-    made = bundle(containerd, new)
-    made.mkdir()
+    made = new_bundle(bundle(containerd, new))
     source = tmp_path / "source"
     source.mkdir()
-    try:
-        with ShimClient(containerd, sleeper) as shim:
-            request = task_pb2.CreateTaskRequest(id=new, bundle=str(made), rootfs=[
-                Mount(type="bind", source=str(source), target=target, options=["rbind", "ro"])])
-            error = refusal(lambda: shim.call("Create", request), "rootfs[0].target")
-        assert mounts_under(containerd.state) == [m for m in mounts_under(containerd.state)
-                                                  if not m.startswith(str(made))], "left a mount"
-        judge(containerd, error, "rootfs[0].target", "")
-    finally:
-        for point in mounts_under(made):
-            os.system(f"umount -l {point}")  # noqa: S605 (a path of ours)
-        for entry in sorted(made.rglob("*"), reverse=True):
-            entry.rmdir() if entry.is_dir() else entry.unlink()
-        made.rmdir()
+    (source / "marker").write_text("mounted\n")
+    with ShimClient(containerd, sleeper) as shim:
+        request = task_pb2.CreateTaskRequest(id=new, bundle=str(made), rootfs=[
+            Mount(type="bind", source=str(source), target=target, options=["rbind", "ro"])])
+        error = try_create(shim, request)
+    escaped = [m for m in mounts_under("/") if m.endswith("/escape")]
+    judge(containerd, error, "rootfs[0].target", f"; mounts named escape afterwards: {escaped}")
+    assert not escaped

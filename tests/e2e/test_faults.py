@@ -18,13 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from google.protobuf.any_pb2 import Any
 
-from e2e.harness import RUNC_V2_ROOT
-from e2e.shimapi import ShimClient
-from e2e.shims import alive, bundle, shim_pid, wait_until
-from e2e.tasks import fifo_dir, remove
+from e2e.shimapi import PYSHIM, ShimClient
+from e2e.shims import alive, shim_pid, wait_until
+from e2e.tasks import fifo_dir, remove, xfail_unless_pyshim
 from e2e.test_options import RUNC_V2, runtime_options
 from shim.api import task_pb2
 from shim.runtime.runc import QUICK_BOUND
@@ -156,7 +155,8 @@ def test_failing_verbs_on_a_running_container(containerd, ctr, cid, faulty):
 
         with ShimClient(containerd, cid) as shim:
             faulty.set("fail", "update")
-            error = shim.error("Update", task_pb2.UpdateTaskRequest(id=cid))
+            resources = Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources", value=b"{}")
+            error = shim.error("Update", task_pb2.UpdateTaskRequest(id=cid, resources=resources))
             assert injected("update") in error.message and "update" in error.message.replace(injected("update"), "")
 
         faulty.set("fail", "kill")
@@ -297,6 +297,7 @@ def test_bundle_dir_full_while_running(containerd, ctr, cid, small_tmpfs):
     error and leaves nothing; the container is still served (kill, exit, delete)."""
     parent = containerd.state / "io.containerd.runtime.v2.task" / containerd.namespace
     small_tmpfs(parent)
+    unclear = ""
     run = ctr("run", "-d", "--fifo-dir", fifo_dir(containerd), "--runtime", containerd.runtime, containerd.image,
               cid, "sleep", "100000")
     assert run.rc == 0, run.stderr
@@ -306,17 +307,21 @@ def test_bundle_dir_full_while_running(containerd, ctr, cid, small_tmpfs):
         result = ctr("task", "exec", "--exec-id", "full", cid, "echo", "no")
         if result.rc == 0:
             assert result.stdout == "no\n"  # nothing it needed to write found the disk full
-        else:
-            assert "exec" in result.stderr and "no space left on device" in result.stderr.lower(), result.stderr
+        elif "no space left on device" not in result.stderr.lower():
+            unclear = result.stderr.strip()
+        assert result.rc == 0 or "exec" in result.stderr, result.stderr
         assert len(containerd.task_pids(cid)) == 1, "a failed exec left a process"
         os.unlink(parent / "filler")
         assert ctr("task", "exec", "--exec-id", "room", cid, "echo", "yes") == (0, "yes\n", "")
         with containerd.events() as events:
             assert ctr("task", "kill", "-s", "KILL", cid).rc == 0
-            assert events.wait_for("/tasks/exit", container_id=cid)["exit_status"] == 137
+            assert events.wait_for("/tasks/exit", container_id=cid, id=cid)["exit_status"] == 137
     finally:
         (parent / "filler").unlink(missing_ok=True)
         remove(containerd, ctr, cid)
+    if unclear:
+        xfail_unless_pyshim(containerd, f"does not say why exec failed on a full disk: {unclear!r}")
+    assert not unclear
 
 
 # -- FIFOs -----------------------------------------------------------------------------------------
@@ -434,3 +439,8 @@ def test_containerd_killed_while_ten_containers_start(containerd, ctr, when):
             ctr("container", "rm", cid)
     print(outcome)
     assert sum(outcome.values()) == 10 and (when == "early" or outcome["running"] >= 3), outcome
+    leaks = containerd.wait_for_no_leaks()
+    if leaks and containerd.runtime != PYSHIM:
+        containerd.clean_leaks()
+        pytest.xfail(f"{containerd.runtime} leaves behind: {'; '.join(leaks)}")
+    assert not leaks, leaks
