@@ -508,6 +508,7 @@ class TaskService:
                 except OSError:
                     pass
             if p.io is not None:
+                p.io.wait_read()  # the client closes its FIFOs once Delete returns
                 p.io.close()
             p.life.apply("delete")
         if p is c.init:

@@ -100,11 +100,17 @@ def injected(verb):
     return f"injected failure of runc {verb}"
 
 
+def unclear(text, verb, *names):
+    """Why `text` (a client's error) is not a clear error for a failed runc `verb`, or "": it must
+    carry runc's message and, apart from that message, name the operation."""
+    assert injected(verb) in text, f"runc's message did not reach the client: {text!r}"
+    rest = text.replace(injected(verb), "")
+    return "" if any(name in rest for name in names) else f"{verb}: {text.strip()!r} names no operation"
+
+
 def assert_clear_error(result, verb, *names):
-    """A failed ctr whose error carries runc's message and names the operation."""
     assert result.rc != 0, result
-    assert injected(verb) in result.stderr, result.stderr
-    assert any(name in result.stderr for name in names), f"no {names} in {result.stderr!r}"
+    assert not unclear(result.stderr, verb, *names)
 
 
 # -- runc fails ------------------------------------------------------------------------------------
@@ -127,53 +133,64 @@ def test_failing_create_or_start_reaches_ctr_and_leaves_nothing(containerd, ctr,
 
 
 def test_failing_verbs_on_a_running_container(containerd, ctr, cid, faulty):
-    """exec, ps, pause, resume, kill, delete fail in turn; each error names its operation, and
-    the container is as it was: the next verb works once runc does."""
+    """exec, ps, pause, resume, update, kill, delete fail in turn; each error carries runc's
+    message and names its operation, and the container is as it was: the next verb works once
+    runc does."""
+    vague = []
+
+    def failed(result, verb, *names):
+        assert result.rc != 0, result
+        if reason := unclear(result.stderr, verb, *names):
+            vague.append(reason)
+
     start(containerd, ctr, faulty, cid, "sleep", "100000")
     try:
         faulty.set("fail", "exec")
-        assert_clear_error(ctr("task", "exec", "--exec-id", "e1", cid, "echo", "no"), "exec",
-                           "OCI runtime exec failed", "exec")
+        failed(ctr("task", "exec", "--exec-id", "e1", cid, "echo", "no"), "exec", "exec")
         faulty.set("")
         assert ctr("task", "exec", "--exec-id", "e1", cid, "echo", "yes") == (0, "yes\n", "")
 
         faulty.set("fail", "ps")
-        assert_clear_error(ctr("task", "ps", cid), "ps", "pids", "ps")
+        failed(ctr("task", "ps", cid), "ps", "pids", "ps")
         faulty.set("")
         assert len(containerd.task_pids(cid)) == 1
 
         faulty.set("fail", "pause")
-        assert_clear_error(ctr("task", "pause", cid), "pause", "pause")
+        failed(ctr("task", "pause", cid), "pause", "pause")
         assert containerd.tasks()[cid][1] == "RUNNING"
         faulty.set("fail", "resume")
         assert ctr("task", "pause", cid).rc == 0
-        assert_clear_error(ctr("task", "resume", cid), "resume", "resume")
+        failed(ctr("task", "resume", cid), "resume", "resume")
         assert containerd.tasks()[cid][1] == "PAUSED"
         faulty.set("")
         assert ctr("task", "resume", cid).rc == 0
         assert containerd.tasks()[cid][1] == "RUNNING"
 
-        with ShimClient(containerd, cid) as shim:
+        with ShimClient(containerd, cid) as shim:  # ctr 1.6 has no update command
             faulty.set("fail", "update")
             resources = Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources", value=b"{}")
             error = shim.error("Update", task_pb2.UpdateTaskRequest(id=cid, resources=resources))
-            assert injected("update") in error.message and "update" in error.message.replace(injected("update"), "")
+            if reason := unclear(error.message, "update", "update"):
+                vague.append(reason)
 
         faulty.set("fail", "kill")
-        assert_clear_error(ctr("task", "kill", "-s", "KILL", cid), "kill", "kill")
+        failed(ctr("task", "kill", "-s", "KILL", cid), "kill", "kill")
         assert containerd.tasks()[cid][1] == "RUNNING"
         faulty.set("")
         with containerd.events() as events:
             assert ctr("task", "kill", "-s", "KILL", cid).rc == 0
-            assert events.wait_for("/tasks/exit", container_id=cid)["exit_status"] == 137
+            assert events.wait_for("/tasks/exit", container_id=cid, id=cid)["exit_status"] == 137
 
         faulty.set("fail", "delete")
-        assert_clear_error(ctr("task", "rm", cid), "delete", "delete")
+        failed(ctr("task", "rm", cid), "delete", "delete")
         faulty.set("")
         assert ctr("task", "rm", cid).rc == 0
     finally:
         faulty.set("")
         remove(containerd, ctr, cid)
+    if vague:
+        xfail_unless_pyshim(containerd, "; ".join(vague))
+    assert not vague
 
 
 # -- runc hangs ------------------------------------------------------------------------------------

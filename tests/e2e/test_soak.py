@@ -53,14 +53,24 @@ def expected(tag, status):
     return (status, f"out-{tag}\n", f"err-{tag}\n")
 
 
+def outcome(proc, timeout=600):
+    """(rc, stdout, stderr) of a ctr, or (-1, "", "still running after ...") if it hung: a hang
+    is counted like any other loss."""
+    try:
+        return finish(proc, timeout=timeout)
+    except AssertionError as e:
+        return (-1, "", str(e))
+
+
 def account(results):
     """{tag: ((rc, out, err), expected)} -> counts of what went wrong, and examples."""
     tally = {"runs": len(results), "exact": 0, "wrong_status": 0, "lost_stdout": 0, "lost_stderr": 0,
-             "examples": []}
+             "hung": 0, "examples": []}
     for tag, (got, want) in results.items():
         if got == want:
             tally["exact"] += 1
             continue
+        tally["hung"] += got[0] == -1
         tally["wrong_status"] += got[0] != want[0]
         tally["lost_stdout"] += got[1] != want[1]
         tally["lost_stderr"] += got[2] != want[2]
@@ -150,7 +160,7 @@ def test_concurrent_execs_lose_nothing(containerd, sleeper):
     for i in range(n):  # all started before any is read: n execs in flight at once
         tag, status = f"exec-{batch}-{i}", i % 256
         procs[tag] = (exec_popen(containerd, sleeper, f"e{i}", *command(tag, status)), expected(tag, status))
-    results = {tag: (finish(proc, timeout=600), want) for tag, (proc, want) in procs.items()}
+    results = {tag: (outcome(proc), want) for tag, (proc, want) in procs.items()}
     seconds = round(time.monotonic() - start, 1)
     after = settled_fds(shim, len(before))
     tally = account(results)
@@ -168,7 +178,7 @@ def test_shim_rss_is_flat_over_many_execs(containerd, sleeper):
     start = time.monotonic()
     for i in range(1, n + 1):
         tag, status = f"rss-{batch}-{i}", i % 256
-        results[tag] = (finish(exec_popen(containerd, sleeper, f"r{i}", *command(tag, status))),
+        results[tag] = (outcome(exec_popen(containerd, sleeper, f"r{i}", *command(tag, status))),
                         expected(tag, status))
         if i in (RSS_WARM, n):
             rss[i] = shim.memory_info().rss
