@@ -72,8 +72,39 @@ def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None
           f"mount {source} on {target} ({fstype})")
 
 
+MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP beyond)
+
+
+def resolve_in_root(root: str, target: str) -> str:
+    """`root`/`target` with every symlink on the way resolved as if `root` were `/` (and
+    `..` stopping at it), so the result never leaves `root`: the way containerd joins a
+    mount target to the rootfs. Components that do not exist yet are kept as they are."""
+    parts = [p for p in target.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        path = os.path.join(root, *done, part)
+        try:
+            link = os.readlink(path)
+        except OSError:  # not a symlink, or not there (yet)
+            done.append(part)
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise OSError(errno.ELOOP, f"mount target {target}: too many symlinks")
+        if link.startswith("/"):
+            done = []
+        parts = [p for p in link.split("/") if p not in ("", ".")] + parts
+    return os.path.join(root, *done)
+
+
 def _target(m: Mount, root: str) -> str:
-    return os.path.join(root, m.target.lstrip("/")) if m.target else root
+    return resolve_in_root(root, m.target) if m.target else root
 
 
 def mount(m: Mount, root: str) -> None:

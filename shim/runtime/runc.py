@@ -4,14 +4,22 @@ Every command gets the same global flags as containerd's runc shim uses (`--root
 `--log <bundle>/log.json --log-format json`, `--systemd-cgroup`), runs with the bundle as
 cwd and the shim's environment minus NOTIFY_SOCKET. runc writes its errors to log.json,
 not to stderr, so a failure's message is the last error line found there.
+
+No runc command may hang the shim: each verb has a bound (`BOUNDS`), shortened to the
+caller's deadline when the request that runs it has one (`request_deadline`, set by the
+Task service around each call). A command still running at its bound is SIGKILLed and
+fails with a message that names the verb and the bound.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import select
+import signal
 import subprocess
+import time
 from typing import IO, Any
 
 from shim.linux.reaper import Reaper
@@ -19,6 +27,36 @@ from shim.runtime.config import RuncConfig
 
 class RuncError(Exception):
     """A runc command failed; the message is runc's own error text."""
+
+
+# Seconds a runc verb may take before it is killed. Verbs that only signal, read or
+# remove state must never hang (a frozen cgroup, a stuck runc): 10 s, well above their
+# usual few ms. Verbs that start processes run hooks and set up namespaces: 120 s, the
+# kubelet's default runtime-request timeout (a caller that waited longer has given up).
+# checkpoint and restore scale with the container's memory: bounded only by a deadline.
+QUICK_BOUND = 10.0
+START_BOUND = 120.0
+BOUNDS: dict[str, float | None] = {
+    "state": QUICK_BOUND, "kill": QUICK_BOUND, "delete": QUICK_BOUND, "ps": QUICK_BOUND,
+    "pause": QUICK_BOUND, "resume": QUICK_BOUND, "update": QUICK_BOUND,
+    "create": START_BOUND, "start": START_BOUND, "exec": START_BOUND,
+    "checkpoint": None, "restore": None,
+}
+
+# time.monotonic() by which the request being served must be answered (ttrpc's
+# timeout), or None; set per call by the Task service, read by every runc command.
+request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "request_deadline", default=None)
+
+
+def bound_for(verb: str) -> float | None:
+    """Seconds `verb` may run now: its bound, or less if the request's deadline is nearer."""
+    bound = BOUNDS.get(verb, QUICK_BOUND)
+    deadline = request_deadline.get()
+    if deadline is not None:
+        left = max(0.0, deadline - time.monotonic())
+        bound = left if bound is None else min(bound, left)
+    return bound
 
 
 class Runc:
@@ -49,10 +87,21 @@ class Runc:
         except OSError as e:
             raise RuncError(f"{self.config.binary}: {e.strerror}") from None
         popen = child.popen
+        bound = bound_for(args[0])
+        deadline = None if bound is None else time.monotonic() + bound
         if popen.stdin is not None:
             _write_all(popen.stdin, input or b"")
-        out, err = _read_to_eof(popen.stdout, popen.stderr)
-        code = child.wait()
+        out, err = _collect(popen.stdout, popen.stderr, deadline)
+        try:
+            code = child.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.wait(5.0)  # reaped by the reaper; never leave it to reuse its pid
+            raise RuncError(f"{self.config.binary} {args[0]} did not finish within "
+                            f"{bound:g}s and was killed") from None
         if code != 0:
             text = self.last_error() or err.decode(errors="replace").strip()
             raise RuncError(text or f"{self.config.binary} {args[0]} exited with status {code}")
@@ -156,28 +205,31 @@ class Runc:
             raise RuncError(f"{self.config.binary} ps: unexpected output {out[:200]!r}") from None
 
 
-def _read_to_eof(*pipes: IO[bytes] | None) -> list[bytes]:
-    """Read the pipes together to EOF and close them. One after the other would block for
-    ever once runc filled the second one while the first was still open."""
-    fds = [pipe.fileno() if pipe is not None else -1 for pipe in pipes]
+def _collect(stdout: IO[bytes] | None, stderr: IO[bytes] | None,
+             deadline: float | None) -> tuple[bytes, bytes]:
+    """Read both pipes to EOF, or until `deadline`; close them. (stdout, stderr)."""
+    fds = [-1 if pipe is None else pipe.fileno() for pipe in (stdout, stderr)]
     chunks: dict[int, list[bytes]] = {fd: [] for fd in fds}
     poller = select.poll()
     for fd in fds:
         if fd >= 0:
             poller.register(fd, select.POLLIN)
-    left = sum(fd >= 0 for fd in fds)
-    while left:
-        for fd, _ in poller.poll():
+    open_fds = {fd for fd in fds if fd >= 0}
+    while open_fds:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        for fd, _ in poller.poll(None if left is None else int(left * 1000) + 1):
             data = os.read(fd, 65536)
             if data:
                 chunks[fd].append(data)
             else:
                 poller.unregister(fd)
-                left -= 1
-    for pipe in pipes:
+                open_fds.discard(fd)
+    for pipe in (stdout, stderr):
         if pipe is not None:
             pipe.close()
-    return [b"".join(chunks[fd]) for fd in fds]
+    return b"".join(chunks[fds[0]]), b"".join(chunks[fds[1]])
 
 
 def _write_all(pipe: IO[bytes], data: bytes) -> None:

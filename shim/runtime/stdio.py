@@ -25,6 +25,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,10 @@ CHUNK = 1 << 16
 LOGGER_STOP_TIMEOUT = 12.0
 EOT = b"\x04"  # what a terminal reads as end of input
 QUIET_MS = 100  # a terminal whose process exited is copied until it is this long quiet
+# How long Delete waits for the client to read what an output FIFO still holds, and how
+# long it waits when nobody reads it at all (a detached client): see `wait_read`.
+READ_TIMEOUT = 2.0
+READ_STALL = 0.25
 
 
 def _close(fd: int | None) -> None:
@@ -127,6 +132,8 @@ class ProcessIO:
         self._stdin_keepalive: int | None = None
         self._stdin_src: int | None = None
         self._outputs: list[tuple[int | None, int, str]] = []  # (writer, keepalive, path)
+        self._readers: list[int] = []  # output keep-alive fds, ours until close()
+        self._fifo_readers: list[int] = []  # those of them on a FIFO
         self._console: int | None = None
         self._console_dir: str | None = None
         self._console_listener: socket.socket | None = None
@@ -237,8 +244,13 @@ class ProcessIO:
                       quiet_fd: int | None = None) -> None:
         done = threading.Event()
         self._drained.append(done)
-        self._start(f"{self.label} output", self._pump_output, src, writer, keepalive, path, done,
-                    quiet_fd)
+        # The keep-alive reader outlives the copy loop: `wait_read` looks at the FIFO through it.
+        if keepalive in self._pending:
+            self._pending.remove(keepalive)
+        self._readers.append(keepalive)
+        if stat.S_ISFIFO(os.fstat(keepalive).st_mode):
+            self._fifo_readers.append(keepalive)
+        self._start(f"{self.label} output", self._pump_output, src, writer, path, done, quiet_fd)
 
     def _start(self, name: str, target: Callable[..., None], *args: object) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -315,7 +327,7 @@ class ProcessIO:
 
     # -- copy loops -----------------------------------------------------------------------
 
-    def _pump_output(self, src: int, dst: int | None, keepalive: int, path: str,
+    def _pump_output(self, src: int, dst: int | None, path: str,
                      done: threading.Event, quiet_fd: int | None) -> None:
         try:
             if dst is None:
@@ -326,7 +338,7 @@ class ProcessIO:
             log.warning("%s: copying output to %s failed: %s", self.label, path, e)
             _drain(src, self._stop_r)
         finally:
-            for fd in (src, dst, keepalive):
+            for fd in (src, dst):
                 _close(fd)
             done.set()
 
@@ -385,6 +397,36 @@ class ProcessIO:
         deadline = time.monotonic() + timeout
         return all(done.wait(max(0.0, deadline - time.monotonic())) for done in self._drained)
 
+    def wait_read(self, timeout: float = READ_TIMEOUT, stall: float = READ_STALL) -> bool:
+        """Before the process is deleted: wait until the client has read everything its
+        output FIFOs still hold. containerd's client (1.7 and later) closes its FIFO
+        readers as soon as Delete returns, so output still in a FIFO then is lost, even
+        though the client had it open all along. Bounded: `timeout` in all, and `stall`
+        once nothing is being read (nobody reads a detached client's FIFOs)."""
+        import fcntl
+        import struct
+        import termios
+
+        def unread() -> int:
+            total = 0
+            for fd in self._fifo_readers:
+                try:
+                    total += struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+                except OSError:
+                    pass
+            return total
+
+        start = changed = time.monotonic()
+        last = -1
+        while (left := unread()) > 0:
+            now = time.monotonic()
+            if left != last:
+                last, changed = left, now
+            if now - changed > stall or now - start > timeout:
+                return False
+            time.sleep(0.005)
+        return True
+
     def close(self, timeout: float = 1.0) -> None:
         """Stop the copy loops and the logger, and release everything."""
         with self._lock:
@@ -403,6 +445,10 @@ class ProcessIO:
             _close(writer)
             _close(keepalive)
         self._outputs.clear()
+        for fd in self._readers:
+            _close(fd)
+        self._readers.clear()
+        self._fifo_readers.clear()
         if self._stdin_src is not None:
             _close(self._stdin_src)
             self._stdin_src = None

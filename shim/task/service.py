@@ -45,8 +45,9 @@ from shim.linux.oom import OOMWatcher
 from shim.linux.reaper import Reaper
 from shim.runtime import options
 from shim.runtime.config import RuncConfig
-from shim.runtime.runc import Runc, RuncError
+from shim.runtime.runc import Runc, RuncError, request_deadline
 from shim.runtime.stdio import ProcessIO
+from shim.task import confine
 from shim.task.errors import (AlreadyExists, FailedPrecondition, InvalidArgument, NotFound,
                               RuntimeFailed, TaskError, to_status)
 from shim.task.events import Publisher, timestamp_of
@@ -85,7 +86,8 @@ class TaskService:
         self.oom = OOMWatcher(self._oom, start=False)
         self.containers: dict[str, Container] = {}
         self._creating: set[str] = set()
-        self._lock = threading.Lock()  # guards `containers` and `_creating`
+        self._lock = threading.Lock()  # guards `containers`, `_creating`, `_shutdown_asked`
+        self._shutdown_asked = False  # a Shutdown came
         self._exit_lock = threading.Lock()
         self._pids: dict[int, list[Process]] = {}
         self._launching = 0
@@ -220,10 +222,8 @@ class TaskService:
         cid = req.id
         if not cid or "/" in cid or cid in (".", ".."):
             raise InvalidArgument(f"create: invalid container id {cid!r}")
+        confine.check_create(req, self.bundle_parent)  # bundle, mount targets, stdio
         bundle = os.path.realpath(req.bundle)
-        if os.path.dirname(bundle) != self.bundle_parent or os.path.basename(bundle) != cid:
-            raise InvalidArgument(f"create {cid}: bundle {req.bundle} is not this namespace's "
-                                  f"bundle for {cid}")
         with self._lock:
             if cid in self.containers or cid in self._creating:
                 raise AlreadyExists(f"container {cid}")
@@ -231,11 +231,18 @@ class TaskService:
             self._creating.add(cid)
         try:
             c = self._create(req, bundle)
-            with self._lock:
-                self.containers[cid] = c
-        finally:
+        except BaseException:
             with self._lock:
                 self._creating.discard(cid)
+                # containerd gave up on this Create (its deadline) and asked the shim to
+                # shut down meanwhile: nobody will ask again.
+                abandoned = self._shutdown_asked and not self.containers and not self._creating
+            if abandoned:
+                self.request_shutdown()
+            raise
+        with self._lock:
+            self._creating.discard(cid)
+            self.containers[cid] = c
         assert c.init is not None
         return pb.CreateTaskResponse(pid=c.init.pid)
 
@@ -458,6 +465,7 @@ class TaskService:
                 if "not exist" not in str(e):
                     raise RuntimeFailed(f"delete {c.id}: {e}") from None
             if p.io is not None:
+                p.io.wait_read()  # the client closes its FIFOs once Delete returns
                 p.io.close()
             p.apply(Op.DELETE)
             execs = list(c.execs.values())
@@ -489,6 +497,7 @@ class TaskService:
             except OSError:
                 pass
             if p.io is not None:
+                p.io.wait_read()  # the client closes its FIFOs once Delete returns
                 p.io.close()
             p.apply(Op.DELETE)
             with init.lock:  # the exec table's guard (model.py)
@@ -497,6 +506,7 @@ class TaskService:
     def Exec(self, req: pb.ExecProcessRequest, ctx: Context) -> Empty:
         if not req.exec_id or "/" in req.exec_id:
             raise InvalidArgument(f"exec in container {req.id}: invalid exec id {req.exec_id!r}")
+        confine.check_exec(req)  # its stdio
         init = self._init(req.id)
         c = init.container
         try:
@@ -625,12 +635,25 @@ class TaskService:
 
     def Connect(self, req: pb.ConnectRequest, ctx: Context) -> pb.ConnectResponse:
         c = self.containers.get(req.id)
+        if c is None and self._forgotten():
+            raise NotFound(f"container {req.id}")
         task_pid = c.init.pid if c is not None and c.init is not None else 0
         return pb.ConnectResponse(shim_pid=os.getpid(), task_pid=task_pid)
+
+    def _forgotten(self) -> bool:
+        """A restarted containerd connects to a shim that holds no container at all: it was
+        started for a Create that never came (containerd died in between). Nobody will ask it
+        for anything: it shuts down, and containerd, told NotFound, cleans up the bundle."""
+        with self._lock:
+            if self.containers or self._creating:
+                return False
+        self.request_shutdown()
+        return True
 
     def Shutdown(self, req: pb.ShutdownRequest, ctx: Context) -> Empty:
         with self._lock:
             idle = not self.containers and not self._creating
+            self._shutdown_asked = True
         if idle:
             self.request_shutdown()
         return Empty()
@@ -658,6 +681,7 @@ def _boundary(name: str, handler: Callable[[AnyType, Context], Message]
     (`-debug`), every call with its duration."""
     def call(req: AnyType, ctx: Context) -> Message:
         start = time.monotonic()
+        deadline = request_deadline.set(ctx.deadline)  # bounds the runc commands of the call
         try:
             return handler(req, ctx)
         except TaskError as e:
@@ -666,6 +690,7 @@ def _boundary(name: str, handler: Callable[[AnyType, Context], Message]
             log.log(level, "%s %s failed: %s (%s)", name, _target(req), e.message, e.code.name)
             raise to_status(e) from None
         finally:
+            request_deadline.reset(deadline)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s %s: %.1f ms", name, _target(req), (time.monotonic() - start) * 1e3)
     return call
