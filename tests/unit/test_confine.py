@@ -11,7 +11,8 @@ from shim.api.mount_pb2 import Mount
 from shim.linux.mount import resolve_in_root
 from shim.runtime import runc
 from shim.task import confine
-from shim.ttrpc import Code, TTRPCError
+from shim.task.errors import InvalidArgument
+from shim.ttrpc import Code
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def place(tmp_path):
 
 
 def refused(call, *args):
-    with pytest.raises(TTRPCError) as info:
+    with pytest.raises(InvalidArgument) as info:
         call(*args)
     assert info.value.code == Code.INVALID_ARGUMENT
     return info.value.message

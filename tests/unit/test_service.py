@@ -21,9 +21,10 @@ import pytest
 from shim.api import task_pb2 as pb
 from shim.task import service as service_module
 from shim.task.service import TaskService
-from shim.ttrpc import Code, TTRPCError
+from shim.ttrpc import Code, Context, TTRPCError
 
 ROUNDS = int(os.environ.get("PYSHIM_RACE_ROUNDS", "10"))
+CTX = Context("containerd.task.v2.Task", "", {}, None)  # what the server hands a handler
 FAKE_PID = 4_000_000  # beyond pid_max: no real process is ever signalled
 
 
@@ -210,11 +211,11 @@ def test_requests_for_unknown_things_are_not_found_at_the_boundary(shim):
     methods = svc.methods()
     _, state = methods["State"]
     with pytest.raises(TTRPCError) as err:
-        state(pb.StateRequest(id="nosuch"), None)
+        state(pb.StateRequest(id="nosuch"), CTX)
     assert (err.value.code, err.value.message) == (Code.NOT_FOUND, "container nosuch: not found")
     create(svc, "c1")
     with pytest.raises(TTRPCError) as err:
-        state(pb.StateRequest(id="c1", exec_id="e9"), None)
+        state(pb.StateRequest(id="c1", exec_id="e9"), CTX)
     assert err.value.code == Code.NOT_FOUND and "exec e9 in container c1" in err.value.message
 
 
@@ -224,7 +225,7 @@ def test_a_second_create_of_one_id_already_exists(shim):
     _, create_method = svc.methods()["Create"]
     bundle = os.path.join(svc.bundle_parent, "c1")
     with pytest.raises(TTRPCError) as err:
-        create_method(pb.CreateTaskRequest(id="c1", bundle=bundle), None)
+        create_method(pb.CreateTaskRequest(id="c1", bundle=bundle), CTX)
     assert err.value.code == Code.ALREADY_EXISTS and "c1" in err.value.message
 
 
@@ -238,6 +239,6 @@ def test_not_found_and_already_exists_are_worded_as_containerd_words_them(shim):
     assert wait(svc, "c1", "e1") == 0
     _, kill = svc.methods()["Kill"]
     with pytest.raises(TTRPCError) as err:
-        kill(pb.KillRequest(id="c1", exec_id="e1", signal=9), None)
+        kill(pb.KillRequest(id="c1", exec_id="e1", signal=9), CTX)
     assert (err.value.code, err.value.message) == (
         Code.NOT_FOUND, "exec e1 in container c1: process already finished: not found")
