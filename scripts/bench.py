@@ -54,6 +54,7 @@ machine, never as part of the tests.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -75,12 +76,14 @@ TESTS = SCRIPTS.parent / "tests"  # the CRI measurement reuses the CRI tests' ha
 import subreaper  # noqa: E402
 from build_image import DEFAULT_REF, build_image  # noqa: E402
 from containerd_versions import in_series  # noqa: E402
-from private_containerd import PrivateContainerd, daemon_version, shim_binary_name  # noqa: E402
+from private_containerd import (RUNC_V2_ROOT, PrivateContainerd, daemon_version,  # noqa: E402
+                                shim_binary_name)
 
 PYSHIM = "io.containerd.pyshim.v1"
 RUNC_V2 = "io.containerd.runc.v2"
 RUNTIMES = (PYSHIM, RUNC_V2)
 NAMESPACE = "pyshim-bench"
+SHIM_SOCKETS = Path("/run/containerd/s")  # both shims' sockets, named as containerd names them
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WARMUP = 2  # rounds of the interleaved loop that only warm caches
 
@@ -209,13 +212,15 @@ class Bench:
         self.results: dict[str, dict[str, float]] = {}
         self.sweep_points: list[dict] = []
         self.seq = 0
+        self.issued: list[str] = []  # every container id handed out, for the last clean-up
 
     def ctr(self, *args: str) -> list[str]:
         return self.c.ctr_argv(*args, namespace=NAMESPACE)
 
     def new_id(self, tag: str) -> str:
         self.seq += 1
-        return f"bench-{tag}-{self.seq}"
+        self.issued.append(f"bench-{tag}-{self.seq}")
+        return self.issued[-1]
 
     def record(self, metric: str, runtime: str, value: float) -> None:
         self.results.setdefault(metric, {})[runtime] = value
@@ -310,6 +315,30 @@ class Bench:
             subprocess.run(self.ctr("container", "rm", cid), env=self.env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
+    def remove_everything(self) -> None:
+        """Remove every container of the bench's namespace: what an interrupted step left."""
+        listed = subprocess.run(self.ctr("containers", "ls", "-q"), env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL).stdout.split()
+        for cid in listed:
+            for argv in (self.ctr("task", "rm", "-f", cid), self.ctr("container", "rm", cid)):
+                subprocess.run(argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def clean_after_stop(self) -> list[str]:
+        """Once containerd has stopped: what an interrupted step can leave of the bench's
+        containers (runc state and cgroups of a shim the subreaper killed, its socket)."""
+        left = []
+        for cid in self.issued:
+            if (RUNC_V2_ROOT / NAMESPACE / cid).exists():
+                subprocess.run(["runc", "--root", str(RUNC_V2_ROOT / NAMESPACE), "delete", "--force",
+                                cid], capture_output=True)
+                left.append(f"runc state of {cid}")
+            socket = SHIM_SOCKETS / hashlib.sha256(
+                os.path.join(self.c.address, NAMESPACE, cid).encode()).hexdigest()
+            if socket.exists():
+                socket.unlink()
+                left.append(f"shim socket of {cid}")
+        return left
+
     def exec(self) -> None:
         cids = {r: self.new_id("exec") for r in RUNTIMES}
         for runtime, cid in cids.items():
@@ -401,6 +430,7 @@ class Bench:
         handlers = {runtime: HANDLERS[runtime] for runtime in RUNTIMES}
         c = CriContainerd(workdir / "cri", PYSHIM, containerd=containerd_bin, ctr=ctr_bin,
                           log_level="info")
+        c.new_session = True  # a Ctrl-C leaves it running for shutdown() to clean up
         c.start()
         try:
             def run_pod(runtime: str, n: int) -> str:
@@ -558,36 +588,39 @@ def main() -> int:
     path_prefix = [sysconfig.get_path("scripts")] + ([str(Path(containerd_bin).parent)]
                                                      if "/" in containerd_bin else [])
     containerd = PrivateContainerd(workdir, containerd=containerd_bin, ctr=ctr_bin,
-                                   namespace=NAMESPACE, log_level="info", path_prefix=path_prefix)
+                                   namespace=NAMESPACE, log_level="info", path_prefix=path_prefix,
+                                   new_session=True)  # a Ctrl-C leaves it running for the clean-up
     archive = str(workdir / "busybox.oci.tar")
-    build_image(archive)
     bench = Bench(containerd, args.runs, ksm=args.ksm)
     floor = floor_cpu = None
     try:
-        containerd.start()
-        containerd.import_image(archive, namespace=NAMESPACE)
-        version = subprocess.run([containerd_bin, "--version"], capture_output=True,
-                                 text=True).stdout.strip()
-        if want("lifecycle"):
-            bench.lifecycle()
-        if want("exec"):
-            bench.exec()
-        if want("memory"):
-            for count in [1, *args.containers]:
-                bench.memory(count)
-        if want("concurrent"):
-            for count in args.containers:
-                bench.concurrent(count)
-        if want("sweep"):
-            bench.sweep(args.sweep)
-        if want("floor"):
-            floor, floor_cpu = bench.floor(workdir, archive)
-    finally:
-        for line in containerd.stop():
-            print(f"bench: {line}", file=sys.stderr)
-        for point in containerd.cleanup(namespaces=[NAMESPACE]):
-            print(f"bench: unmounted a leftover {point}", file=sys.stderr)
-    try:
+        try:
+            build_image(archive)
+            containerd.start()
+            containerd.import_image(archive, namespace=NAMESPACE)
+            version = subprocess.run([containerd_bin, "--version"], capture_output=True,
+                                     text=True).stdout.strip()
+            if want("lifecycle"):
+                bench.lifecycle()
+            if want("exec"):
+                bench.exec()
+            if want("memory"):
+                for count in [1, *args.containers]:
+                    bench.memory(count)
+            if want("concurrent"):
+                for count in args.containers:
+                    bench.concurrent(count)
+            if want("sweep"):
+                bench.sweep(args.sweep)
+            if want("floor"):
+                floor, floor_cpu = bench.floor(workdir, archive)
+        finally:
+            if containerd.running():
+                bench.remove_everything()
+            for line in containerd.stop() + bench.clean_after_stop():
+                print(f"bench: left: {line}", file=sys.stderr)
+            for point in containerd.cleanup(namespaces=[NAMESPACE]):
+                print(f"bench: unmounted a leftover {point}", file=sys.stderr)
         if want("cri"):
             bench.cri(workdir, containerd_bin, ctr_bin, pods)
     finally:
