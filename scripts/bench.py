@@ -571,7 +571,7 @@ def main() -> int:
             ap.error("--plot needs matplotlib: .venv/bin/python -m pip install -e '.[bench]', "
                      "then scripts/setup.sh (which puts the shim's launcher back)")
     launcher = Path(sysconfig.get_path("scripts")) / shim_binary_name(PYSHIM)
-    if "written by scripts/install_shim.py" not in launcher.read_text():
+    if not launcher.read_text().split("\n", 1)[0].endswith(" -IS"):  # the fast launcher's #! line
         ap.error(f"{launcher} is pip's console script, not the shim's launcher (pip install -e "
                  "rewrites it): run scripts/setup.sh")
     containerd_bin = args.containerd_bin or (containerd_of_series(args.containerd_series)
