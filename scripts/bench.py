@@ -532,6 +532,7 @@ def plot(points: list[dict], path: str, title: str) -> None:
         axes.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # e.g. docs/
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
