@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from shim.ttrpc import Code, TTRPCError
+from shim.ttrpc import Code, TTRPCError, errdef
 
 from . import points, trace
 from .failpoints import Failpoint, Term
@@ -217,10 +217,10 @@ def install(table: Table, bundle_parent: str, trace_dir: str,
                         (trace.TRACER is not None and trace.TRACER.routed(cid)):
                     configure(cid, annotations, trace_dir)
             except points.ProbeConfigError as e:
-                raise TTRPCError(Code.INVALID_ARGUMENT, str(e)) from None
+                raise errdef(Code.INVALID_ARGUMENT, str(e)) from None
             except OSError as e:  # the trace file cannot be opened
-                raise TTRPCError(Code.INVALID_ARGUMENT,
-                                 f"annotation {points.TRACE_ANNOTATION}: {e}") from None
+                raise errdef(Code.INVALID_ARGUMENT,
+                             f"annotation {points.TRACE_ANNOTATION}: {e}") from None
         if ON and wrapped is None:  # this Create turned probing on: wrap from now on
             wrapped = wrap_methods(table)
             swap({**wrapped, "Create": (req_type, gate)})
