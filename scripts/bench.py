@@ -321,7 +321,10 @@ def main() -> int:
                     help="run ksmd and opt pyshim into same-page merging (PYSHIM_KSM=1)")
     args = ap.parse_args()
     only = set(filter(None, args.only.split(",")))
-    want = (lambda name: not only or name in only)
+
+    def want(name: str) -> bool:
+        return not only or name in only
+
     ctr_bin = args.ctr_bin or shutil.which("ctr", path=str(Path(args.containerd_bin).parent)) \
         or "ctr"
     ksm_run = None

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what is missing (scripts/setup.sh) and the later containerd releases of the matrix
 # (scripts/containerd_versions.py: Debian's .debs unpacked under .work/, cached), then run:
+#   0. ruff and mypy                      lint and types (configured in pyproject.toml)
 #   1. pytest tests                       unit tests, and the end-to-end tests against the
 #                                         containerd on PATH (Debian 12: 1.6)
 #   2. pytest tests --ignore=tests/unit   the end-to-end tests again for each later containerd
@@ -31,6 +32,10 @@ fold() {  # fold one pytest exit status into the result: the first failure wins,
 banner() { printf '\n==== %s ====\n' "$*"; }
 
 set +e
+banner "lint (ruff) and types (mypy)"
+.venv/bin/ruff check shim scripts tests protos && .venv/bin/mypy
+lint=$?
+[ "$lint" = 0 ] || result=$lint  # a lint failure fails the run, but every test still runs
 banner "unit tests; end-to-end tests against $("${CONTAINERD_BIN:-containerd}" --version 2>/dev/null | cut -d' ' -f3)"
 .venv/bin/python -m pytest tests "$@"
 fold $?

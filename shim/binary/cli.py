@@ -147,7 +147,10 @@ def phase(name: str, cid: str, detail: object = None) -> None:
         tracer = trace.TRACER or trace.enable(path)
     except OSError:
         return  # the daemon logs why it cannot trace; start must not fail for it
-    tracer.record("phase", cid, name=name, **({} if detail is None else {"detail": detail}))
+    if detail is None:
+        tracer.record("phase", cid, name=name)
+    else:
+        tracer.record("phase", cid, name=name, detail=detail)
 
 
 def _read_stdin() -> bytes:

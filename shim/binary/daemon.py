@@ -13,9 +13,13 @@ import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from shim.binary import log as shimlog
 from shim.linux.reaper import set_child_subreaper
+
+if TYPE_CHECKING:
+    import socket
 
 TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 
@@ -66,7 +70,7 @@ def run(listener_fd: int, debug: bool, namespace: str, cid: str, bundle: str,
         os._exit(1)
 
 
-def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *,
+def serve(listener: socket.socket, namespace: str, cid: str, bundle: str, ttrpc_address: str, *,
           start_stdin: bytes = b"", containerd_pid: int = 0,
           preloaded: frozenset[str] = frozenset()) -> None:
     """Run the daemon until Shutdown with no containers left (or SIGTERM)."""

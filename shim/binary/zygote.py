@@ -25,6 +25,10 @@ import sys
 
 import _socket  # the raw module: `start` must not pay for the socket module's import
 
+TYPE_CHECKING = False  # as typing's, without importing typing on `start`'s path
+if TYPE_CHECKING:
+    import socket
+
 ZYGOTE_DIR = "/run/pyshim"
 IDLE_SECONDS = 5.0
 MAX_REQUEST = 1 << 20
@@ -221,7 +225,7 @@ def _remove_dead_sockets(own: str) -> None:
                 pass
 
 
-def _fork_daemon(sock, own_fds: tuple[int, ...], containerd_address: str,
+def _fork_daemon(sock: socket.socket, own_fds: tuple[int, ...], containerd_address: str,
                  preloaded: frozenset[str]) -> int:
     """Accept one request and fork its daemon; returns the daemon's pid (0 if none)."""
     import marshal

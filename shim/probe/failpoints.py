@@ -96,7 +96,7 @@ class Failpoint:
     def __str__(self) -> str:
         """The current state in the grammar (what is left of each count)."""
         with self._lock:
-            return "->".join(f"{c}*{t}" for c, t in zip(self._counts, self._terms))
+            return "->".join(f"{c}*{t}" for c, t in zip(self._counts, self._terms, strict=True))
 
     def __repr__(self) -> str:
         return f"Failpoint({self.name!r}, {str(self)!r})"

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from shim.ttrpc import Code, TTRPCError, errdef
+from shim.ttrpc import Code, TTRPCError
 
 from . import points, trace
 from .failpoints import Failpoint, Term
@@ -151,6 +151,12 @@ def _call_error(message: str) -> TTRPCError:
     return TTRPCError(Code.UNKNOWN, message)
 
 
+def _invalid(message: str) -> TTRPCError:
+    # Worded as Go's errdefs words it: containerd 2.x shows the message alone, and this
+    # keeps "invalid argument" in what the user reads (1.6 strips and re-adds it).
+    return TTRPCError(Code.INVALID_ARGUMENT, f"{message}: invalid argument")
+
+
 def wrap_methods(table: Table) -> Table:
     """The method table with every call traced and its failpoints evaluated."""
     return {name: (req_type, _wrap(name, handler)) for name, (req_type, handler) in table.items()}
@@ -217,10 +223,9 @@ def install(table: Table, bundle_parent: str, trace_dir: str,
                         (trace.TRACER is not None and trace.TRACER.routed(cid)):
                     configure(cid, annotations, trace_dir)
             except points.ProbeConfigError as e:
-                raise errdef(Code.INVALID_ARGUMENT, str(e)) from None
+                raise _invalid(str(e)) from None
             except OSError as e:  # the trace file cannot be opened
-                raise errdef(Code.INVALID_ARGUMENT,
-                             f"annotation {points.TRACE_ANNOTATION}: {e}") from None
+                raise _invalid(f"annotation {points.TRACE_ANNOTATION}: {e}") from None
         if ON and wrapped is None:  # this Create turned probing on: wrap from now on
             wrapped = wrap_methods(table)
             swap({**wrapped, "Create": (req_type, gate)})

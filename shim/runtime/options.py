@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shim.runtime.config import DEFAULT_ROOT, RuncConfig
+
+if TYPE_CHECKING:
+    from shim.api.bootstrap_pb2 import BootstrapParams
 
 log = logging.getLogger("shim.runtime.options")
 
@@ -43,14 +47,14 @@ def decode(type_url: str, value: bytes, context: str) -> Options:
             no_new_keyring=o.no_new_keyring, criu_path=o.criu_path,
             io_uid=o.io_uid or -1, io_gid=o.io_gid or -1), o.shim_cgroup)
     if name == CREATE_OPTIONS:
-        from shim.api.runctypes_pb2 import CreateOptions as Pb
-        c = Pb.FromString(value)
+        from shim.api.runctypes_pb2 import CreateOptions
+        c = CreateOptions.FromString(value)
         return Options(RuncConfig(
             no_pivot_root=c.no_pivot_root, no_new_keyring=c.no_new_keyring,
             io_uid=c.io_uid or -1, io_gid=c.io_gid or -1), c.shim_cgroup)
     if name == RUNTIME_OPTIONS:
-        from shim.api.runtimeoptions_pb2 import Options as Pb
-        r = Pb.FromString(value)
+        from shim.api.runtimeoptions_pb2 import Options as TableOptions
+        r = TableOptions.FromString(value)
         return from_table(_load_table(r.config_body, r.config_path, context), context)
     if name:
         log.info("%s: ignoring runtime options of type %s", context, name)
@@ -110,7 +114,7 @@ def decode_any_bytes(data: bytes, context: str) -> Options:
     return decode(a.type_url, a.value, context)
 
 
-def bootstrap_params(data: bytes):  # -> BootstrapParams
+def bootstrap_params(data: bytes) -> BootstrapParams:
     from shim.api.bootstrap_pb2 import BootstrapParams
     return BootstrapParams.FromString(data)
 

@@ -237,9 +237,9 @@ class ProcessIO:
         if "://" in path:
             raise OSError(errno.EINVAL, f"unknown STDIO scheme {urlsplit(path).scheme}")
         try:
-            writer: int | None = self._own(
-                os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-            os.set_blocking(writer, True)
+            fd = self._own(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            os.set_blocking(fd, True)
+            writer: int | None = fd
         except OSError as e:
             if e.errno != errno.ENXIO:
                 raise

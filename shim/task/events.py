@@ -12,6 +12,7 @@ returns is retried ATTEMPTS times.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -73,9 +74,8 @@ class Publisher:
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             if probe.ON:
-                topic, event, when = item
-                probe.event(getattr(event, "container_id", ""), topic, event,
-                            lambda: self._forward(topic, event, when))
+                probe.event(getattr(item[1], "container_id", ""), item[0], item[1],
+                            functools.partial(self._forward, *item))
             else:
                 self._forward(*item)
         if self._client is not None:

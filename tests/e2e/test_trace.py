@@ -57,7 +57,8 @@ def test_env_trace_of_ctr_run_rm(probing, pctr):
     assert all(r["ok"] and r["attempts"] == 1 for r in recs if r["kind"] == "event")
 
     exits = [r for r in recs if r["kind"] == "exit"]
-    assert [(e["exec_id"], e["status"]) for e in exits] == [("", 0)] and exits[0]["proc_pid"] == create["response"]["pid"]
+    assert [(e["exec_id"], e["status"]) for e in exits] == [("", 0)]
+    assert exits[0]["proc_pid"] == create["response"]["pid"]
     stdout_end = [r for r in recs if r["kind"] == "stdio" and r["stream"] == "stdout" and r["phase"] == "end"]
     assert [r["bytes"] for r in stdout_end] == [3]  # "hi\n"
 

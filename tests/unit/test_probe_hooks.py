@@ -10,7 +10,7 @@ import time
 import pytest
 
 from shim.api import task_pb2 as pb
-from shim.probe import hooks, points, trace
+from shim.probe import hooks, points
 from shim.ttrpc import Code, TTRPCError
 
 CD = points.CONTAINERD_PREFIX

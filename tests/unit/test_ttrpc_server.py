@@ -21,7 +21,6 @@ from shim.ttrpc import (
     Server,
     TTRPCError,
     codec,
-    errdef,
 )
 from shim.ttrpc import server as server_module
 from shim.ttrpc.codec import REQUEST, RESPONSE, Decoder, Frame, encode_frame
@@ -62,7 +61,7 @@ class Handlers:
         raise ValueError("boom")
 
     def not_found(self, req: Empty, ctx: Context) -> Empty:
-        raise errdef(Code.NOT_FOUND, "container abc")
+        raise TTRPCError(Code.NOT_FOUND, "container abc: not found")
 
     def context(self, req: Empty, ctx: Context) -> StringValue:
         remaining = ctx.time_remaining()
