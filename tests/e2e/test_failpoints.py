@@ -24,8 +24,16 @@ def remove(ctr, cid):
 def test_start_error_once_then_the_same_run_succeeds(containerd, ctr, cid):
     result = run_with(ctr, containerd, cid, {CD + "Start": "1*error(please retry)"})
     assert result.rc != 0 and "please retry" in result.stderr, result
-    remove(ctr, cid)
-    assert containerd.tasks() == {}
+    if containerd.major_version() >= 2:
+        # ctr 2.x deletes the failed task (killing it) and then the container: nothing left.
+        assert containerd.wait_for_no_leaks() == []
+    else:
+        # ctr 1.6 asks to delete the task, but its client refuses to delete a CREATED task
+        # (any shim's: the check is client-side), so the task and container stay until
+        # removed; removing them leaves nothing (the leak check covers it).
+        assert containerd.tasks()[cid][1] == "CREATED"
+        remove(ctr, cid)
+        assert containerd.wait_for_no_leaks() == []
     # The same image and id again, without the failpoint.
     assert run_with(ctr, containerd, cid, {}) == (0, "hi\n", "")
 
