@@ -17,7 +17,8 @@ and, per kind:
 
     call       service, method, stream (int, the ttrpc stream id), request and response
                (protobuf json_format.MessageToDict with its defaults: lowerCamelCase
-               names, zero values left out; or null), code (int, 0 = OK),
+               names, zero values left out; or null; an Any of a type protobuf does not
+               know, e.g. Exec's spec, as {"@type": url, "value": its JSON}), code (int, 0 = OK),
                code_name ("OK", "NOT_FOUND", ...), message, duration (s)
     runc       argv (list), duration, exit_status (int; -1 when runc could not be run, or
                a failpoint stood in for it), error (log.json's error or stderr, or null)
@@ -156,14 +157,44 @@ def unroute(cid: str) -> None:
 
 def message_dict(msg: Any) -> dict | None:
     """A protobuf message as JSON-ready data: json_format.MessageToDict with its defaults
-    (lowerCamelCase JSON names, fields at their zero value left out)."""
+    (lowerCamelCase JSON names, fields at their zero value left out).
+
+    containerd puts JSON of types protobuf does not know into some Any fields (Exec's
+    OCI process spec, Update's resources): json_format refuses those, so such a field
+    becomes {"@type": its type URL, "value": the JSON it holds} (or "valueBase64")."""
     if msg is None:
         return None
     from google.protobuf import json_format
     try:
         return json_format.MessageToDict(msg)
-    except Exception as e:  # an Any of a type not linked in: keep the trace going
+    except Exception:
+        pass
+    try:
+        rest = type(msg)()
+        rest.CopyFrom(msg)
+        opaque = {}
+        for field, value in msg.ListFields():
+            if field.message_type is not None and field.message_type.full_name == "google.protobuf.Any":
+                rest.ClearField(field.name)
+                opaque[field.json_name] = [_any_dict(v) for v in value] \
+                    if field.is_repeated else _any_dict(value)
+        return {**json_format.MessageToDict(rest), **opaque}
+    except Exception as e:  # deeper Any fields of unknown type: keep the trace going
         return {"@unprintable": f"{type(msg).__name__}: {e}"}
+
+
+def _any_dict(a: Any) -> dict:
+    from google.protobuf import json_format
+    try:
+        return json_format.MessageToDict(a)
+    except Exception:
+        pass
+    import json
+    try:
+        return {"@type": a.type_url, "value": json.loads(a.value)}
+    except ValueError:
+        import base64
+        return {"@type": a.type_url, "valueBase64": base64.b64encode(a.value).decode()}
 
 
 def _fallback(obj: Any) -> Any:

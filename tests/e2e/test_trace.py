@@ -126,3 +126,30 @@ def test_no_trace_without_asking(probing, pctr, containerd, ctr, cid):
     other = probing.new_id("plain")
     assert run_rm(probing, pctr, other) == (0, "hi\n", "")
     assert set(os.listdir(probing.trace_dir)) == before
+
+
+def test_exec_is_traced_with_its_exec_id(probing, pctr):
+    cid = probing.new_id("exec")
+    own = probing.trace_dir / f"{cid}.jsonl"
+    assert pctr("run", "-d", "--annotation", f"io.pyshim.trace={own.name}", "--runtime", probing.runtime,
+                probing.image, cid, "sleep", "30").rc == 0
+    try:
+        probing.wait_task_status(cid, "RUNNING")
+        result = pctr("task", "exec", "--exec-id", "e1", cid, "sh", "-c", "echo out; exit 3")
+        assert (result.rc, result.stdout) == (3, "out\n"), result
+    finally:
+        pctr("task", "kill", "-s", "KILL", cid)
+        probing.wait_task_status(cid, "STOPPED")
+        pctr("task", "rm", cid)
+        pctr("container", "rm", cid)
+    recs = read_trace(own)
+    exec_calls = [r["method"] for r in sorted(recs, key=lambda r: r["ts"])
+                  if r["kind"] == "call" and r.get("exec_id") == "e1"]
+    assert is_subsequence(["Exec", "Start", "Delete"], exec_calls) and "Wait" in exec_calls, exec_calls
+    assert any(r["kind"] == "call" and r["method"] == "Exec" and r["request"]["execId"] == "e1" for r in recs)
+    assert any(r["kind"] == "runc" and "exec" in r["argv"] for r in recs)
+    assert [(r["exec_id"], r["status"]) for r in recs if r["kind"] == "exit"] == [("e1", 3), ("", 137)]
+    assert [r["bytes"] for r in recs if r["kind"] == "stdio" and r.get("exec_id") == "e1"
+            and r["stream"] == "stdout" and r["phase"] == "end"] == [4]
+    topics = [r["topic"] for r in recs if r["kind"] == "event"]
+    assert is_subsequence(["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"], topics), topics

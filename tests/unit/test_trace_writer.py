@@ -120,3 +120,16 @@ def test_module_tracer_is_off_until_enabled(tmp_path, monkeypatch):
     trace.enable(str(tmp_path / "all.jsonl"))
     assert trace.TRACER.wants(None)
     trace.TRACER.close()
+
+
+def test_message_dict_shows_the_json_inside_an_unknown_any():
+    from google.protobuf.any_pb2 import Any
+    from shim.api import task_pb2 as pb
+    spec = Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/Process", value=b'{"args":["sh"]}')
+    got = trace.message_dict(pb.ExecProcessRequest(id="c1", exec_id="e1", spec=spec))
+    assert got == {"id": "c1", "execId": "e1",
+                   "spec": {"@type": "types.containerd.io/opencontainers/runtime-spec/1/Process",
+                            "value": {"args": ["sh"]}}}
+    raw = Any(type_url="x/unknown", value=b"\x00\x01")
+    assert trace.message_dict(pb.UpdateTaskRequest(id="c1", resources=raw))["resources"] == {
+        "@type": "x/unknown", "valueBase64": "AAE="}
