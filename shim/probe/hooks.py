@@ -2,8 +2,8 @@
 
 Every hook site is guarded by `if hooks.ON:` (a module attribute, False unless this
 process traces or has a failpoint), so with both off a hot path pays one attribute test,
-handlers are not wrapped (only Create's gate, see `install`), and neither json nor
-json_format is imported.
+handlers are not wrapped (only Create's gate, see `install`), and the probe imports
+neither json nor json_format.
 
 Which trace a record goes to, most specific first: the container's annotation
 io.pyshim.trace, then the runtime option PyshimTrace (the shim's default), then the
@@ -157,12 +157,15 @@ def _invalid(message: str) -> TTRPCError:
     return TTRPCError(Code.INVALID_ARGUMENT, f"{message}: invalid argument")
 
 
-def wrap_methods(table: Table) -> Table:
-    """The method table with every call traced and its failpoints evaluated."""
-    return {name: (req_type, _wrap(name, handler)) for name, (req_type, handler) in table.items()}
+def wrap_methods(table: Table, arm: Callable[[Any], None] | None = None) -> Table:
+    """The method table with every call traced and its failpoints evaluated; `arm`, if
+    given, runs first in Create (see `install`)."""
+    return {name: (req_type, _wrap(name, handler, arm if name == "Create" else None))
+            for name, (req_type, handler) in table.items()}
 
 
-def _wrap(method: str, handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+def _wrap(method: str, handler: Callable[[Any, Any], Any],
+          arm: Callable[[Any], None] | None = None) -> Callable[[Any, Any], Any]:
     before, after = f"{method}.before", f"{method}.after"
 
     def call(req: Any, ctx: Any) -> Any:
@@ -171,6 +174,8 @@ def _wrap(method: str, handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any
         response = None
         code, message = Code.OK, ""
         try:
+            if arm is not None:
+                arm(req)
             if _failpoints:
                 fire(cid, method, _call_error)
                 fire(cid, before, _call_error)
@@ -210,28 +215,36 @@ def install(table: Table, bundle_parent: str, trace_dir: str,
     only Create is, by a gate that reads the new container's config.json for annotations
     (a byte search; parsed only if one is there) and, once one turns probing on, has
     `swap` serve the wrapped table from then on."""
-    wrapped: Table | None = wrap_methods(table) if ON else None
-    req_type = table["Create"][0]
+    req_type, create = table["Create"]
+
+    def arm(req: Any) -> None:
+        """Read the new container's annotations; InvalidArgument for one it cannot honour."""
+        cid = req.id
+        if not cid or "/" in cid or cid in (".", ".."):
+            return  # the service refuses it
+        try:
+            annotations = points.read_annotations(os.path.join(bundle_parent, cid, "config.json"))
+            if annotations is not None or cid in _failpoints or \
+                    (trace.TRACER is not None and trace.TRACER.routed(cid)):
+                configure(cid, annotations, trace_dir)
+        except points.ProbeConfigError as e:
+            raise _invalid(str(e)) from None
+        except OSError as e:  # the trace file cannot be opened
+            raise _invalid(f"annotation {points.TRACE_ANNOTATION}: {e}") from None
+
+    if ON:
+        return wrap_methods(table, arm)
 
     def gate(req: Any, ctx: Any) -> Any:
-        nonlocal wrapped
-        cid = req.id
-        if cid and "/" not in cid and cid not in (".", ".."):
-            try:
-                annotations = points.read_annotations(os.path.join(bundle_parent, cid, "config.json"))
-                if annotations is not None or cid in _failpoints or \
-                        (trace.TRACER is not None and trace.TRACER.routed(cid)):
-                    configure(cid, annotations, trace_dir)
-            except points.ProbeConfigError as e:
-                raise _invalid(str(e)) from None
-            except OSError as e:  # the trace file cannot be opened
-                raise _invalid(f"annotation {points.TRACE_ANNOTATION}: {e}") from None
-        if ON and wrapped is None:  # this Create turned probing on: wrap from now on
-            wrapped = wrap_methods(table)
-            swap({**wrapped, "Create": (req_type, gate)})
-        return (wrapped or table)["Create"][1](req, ctx)
+        arm(req)
+        if not ON:
+            return create(req, ctx)
+        # This Create turned probing on: wrap from now on (each Create arming first),
+        # and this call itself, already armed.
+        swap(wrap_methods(table, arm))
+        return _wrap("Create", create)(req, ctx)
 
-    return {**(wrapped or table), "Create": (req_type, gate)}
+    return {**table, "Create": (req_type, gate)}
 
 
 # -- the other happenings -----------------------------------------------------------------

@@ -315,3 +315,16 @@ def test_off_means_no_tracer_and_no_json_format_import():
             "assert not hooks.ON and hooks.trace.TRACER is None; "
             "assert 'google.protobuf.json_format' not in sys.modules, 'json_format'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_refused_create_is_traced_as_invalid_argument(tmp_path):
+    path = tmp_path / "t.jsonl"
+    hooks.enable_trace(str(path))
+    raw, served, calls = served_by_gate(tmp_path)
+    bundle(tmp_path, "c1", {CD + "Start": "1*bogus"})
+    with pytest.raises(TTRPCError):
+        served["Create"][1](pb.CreateTaskRequest(id="c1"), Ctx())
+    rec = json.loads(path.read_text())
+    assert (rec["method"], rec["code_name"]) == ("Create", "INVALID_ARGUMENT")
+    assert CD + "Start" in rec["message"] and rec["message"].endswith(": invalid argument")
+    assert calls == []
