@@ -28,6 +28,13 @@ class ProbingContainerd(TestContainerd):
         self.trace_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return super().start(timeout)
 
+    def shutdown(self):
+        # This containerd ends with its module, possibly while the zygote its last shim
+        # spawned still warms up (seconds on a loaded machine) before idling out: give it
+        # that time, so only what stays longer counts as a leak.
+        self.wait_for_no_leaks(settle=30.0, allow_idle_zygote=False)
+        super().shutdown()
+
 
 def read_trace(path, container_id=None):
     """The records of trace `path` (of one container, if given), in file order."""
