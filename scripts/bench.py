@@ -17,7 +17,10 @@ machine's drift hits both alike; what counts is the ratio pyshim / runc-v2:
   floor       the same container by bare `runc run`, no containerd, no shim
 
     scripts/bench.py [--runs 30] [--containers 20] [--containerd-bin PATH] [--json OUT]
-                     [--only METRIC,...] [--ksm]
+                     [--only METRIC,...] [--ksm] [--shim-dir DIR]
+
+--shim-dir measures the shim in DIR (e.g. the bin of a venv where the wheel was installed with
+pip) instead of this venv's: DIR goes first on containerd's PATH, and the table names it.
 
 --ksm runs ksmd (/sys/kernel/mm/ksm/run = 1, restored afterwards) and opts pyshim into
 same-page merging (PYSHIM_KSM=1, see shim/binary/prefork.py); memory is then measured once
@@ -319,7 +322,14 @@ def main() -> int:
                     help="comma list: lifecycle,exec,memory,concurrent,cri,floor")
     ap.add_argument("--ksm", action="store_true",
                     help="run ksmd and opt pyshim into same-page merging (PYSHIM_KSM=1)")
+    ap.add_argument("--shim-dir", default=sysconfig.get_path("scripts"),
+                    help="directory of the containerd-shim-pyshim-v1 to measure (default: this venv's bin)")
     args = ap.parse_args()
+    shim_dir = os.path.abspath(args.shim_dir)
+    shim = os.path.join(shim_dir, shim_binary_name(PYSHIM))
+    if not os.access(shim, os.X_OK):
+        ap.error(f"no executable {shim}")
+    os.environ["PYSHIM_SHIM_DIR"] = shim_dir  # the CRI measurement's containerd (tests/e2e/harness.py)
     only = set(filter(None, args.only.split(",")))
 
     def want(name: str) -> bool:
@@ -335,7 +345,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pyshim-bench-", dir="/run"))
     containerd = PrivateContainerd(workdir, containerd=args.containerd_bin, ctr=ctr_bin,
                                    namespace=NAMESPACE, log_level="info",
-                                   path_prefix=[sysconfig.get_path("scripts")])
+                                   path_prefix=[shim_dir])
     archive = str(workdir / "busybox.oci.tar")
     build_image(archive)
     bench = Bench(containerd, args.runs, args.containers, ksm=args.ksm)
@@ -368,7 +378,8 @@ def main() -> int:
             (KSM / "run").write_text(ksm_run)
 
     rows = []
-    print(f"containerd: {version}; {platform.node()} {os.cpu_count()} cpus; runs={args.runs}")
+    print(f"containerd: {version}; {platform.node()} {os.cpu_count()} cpus; runs={args.runs}; "
+          f"shim: {shim}")
     print(f"{'metric':44} {'pyshim':>10} {'runc-v2':>10} {'ratio':>7}")
     for metric, values in bench.results.items():
         ours, theirs = values[PYSHIM], values[RUNC_V2]
@@ -379,7 +390,7 @@ def main() -> int:
         print(f"{'floor: bare runc run /bin/true (ms)':44} {floor:10.1f}")
     with open(args.json, "w") as f:
         json.dump({"containerd": version, "runs": args.runs, "containers": args.containers,
-                   "ksm": args.ksm,
+                   "ksm": args.ksm, "shim": shim,
                    "rows": rows, "floor_ms": floor, "time": time.time()}, f, indent=1)
     return 0
 

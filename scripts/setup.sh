@@ -49,6 +49,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -e .venv/bin/containerd-s
   quietly .venv/bin/python -m pip install --disable-pip-version-check -e '.[test,dev]'
   echo "$want" >"$stamp"
 fi
-# The shim's own launcher (isolated interpreter, no site import) and compiled bytecode:
+# The shim's fast launcher (shim/binary/launcher.py: isolated interpreter, no site import)
+# and compiled bytecode, as an installed shim writes it on its first run:
 # containerd starts the shim binary twice per container.
 quietly .venv/bin/python scripts/install_shim.py

@@ -93,11 +93,25 @@ def listen(path: str) -> _socket.socket | None:
             os.unlink(path)  # left by a shim that died
             sock.bind(path)
         os.chmod(path, 0o600)
-        sock.listen(128)
+        sock.listen(listen_backlog())
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def listen_backlog() -> int:
+    """The kernel's somaxconn, as Go's listeners use (containerd-shim-runc-v2's too).
+
+    A burst of connections waits in this queue until the server accepts them; a
+    client connecting with a timeout (a non-blocking connect) gets EAGAIN once it is
+    full. 128 was filled by 200 connections opened in bursts faster than accepted.
+    """
+    try:
+        with open("/proc/sys/net/core/somaxconn", "rb") as f:
+            return max(128, min(int(f.read()), 65535))
+    except (OSError, ValueError):
+        return 4096  # the kernel's default since Linux 5.4; it caps the value anyway
 
 
 def is_live(path: str, kind: int = _socket.SOCK_STREAM) -> bool:

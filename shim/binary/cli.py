@@ -85,10 +85,6 @@ def main(argv: list[str] | None = None) -> int:
                       bool(flags.get("debug")))
         phase("delete.end", cid, code)
         return code
-    if action == "zygote":  # started by `start` itself, never by containerd
-        from shim.binary import zygote
-        zygote.serve(str(flags.get("address", "")))
-        return 0
     print(f"unknown action {action!r}: expected start or delete", file=sys.stderr)
     return 2
 
@@ -175,7 +171,28 @@ def run() -> None:
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    if not sys.flags.no_site:  # run through an installer's console script, not the launcher
+        _upgrade_launcher()
     os._exit(code)
+
+
+def _upgrade_launcher() -> None:
+    """Replace the console script this run came through with the fast launcher, once
+    (shim/binary/launcher.py). What prevents it is reported: to the bundle's log for
+    `start` and `delete` (their output is containerd's to parse), else to stderr."""
+    from shim.binary import launcher
+    problem = launcher.upgrade(sys.argv[0])
+    if problem is None:
+        return
+    try:
+        _, args = parse(sys.argv[1:])
+    except UsageError:
+        args = []
+    if args[:1] in (["start"], ["delete"]):
+        from shim.binary import log as shimlog
+        shimlog.report("warning", problem)
+    else:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

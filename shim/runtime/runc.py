@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 from typing import IO, Any
 
@@ -64,11 +65,7 @@ class Runc:
         popen = child.popen
         if popen.stdin is not None:
             _write_all(popen.stdin, input or b"")
-        out = popen.stdout.read() if popen.stdout is not None else b""
-        err = popen.stderr.read() if popen.stderr is not None else b""
-        for pipe in (popen.stdout, popen.stderr):
-            if pipe is not None:
-                pipe.close()
+        out, err = _read_to_eof(popen.stdout, popen.stderr)
         code = child.wait()
         if code != 0:
             text = self.last_error() or err.decode(errors="replace").strip()
@@ -165,8 +162,36 @@ class Runc:
 
     def ps(self, cid: str) -> list[int]:
         out = self.run("ps", "--format", "json", cid, capture=True)
-        pids = json.loads(out or b"[]")
-        return [int(p) for p in pids or []]
+        try:
+            pids = json.loads(out.strip() or b"[]")
+            return [int(p) for p in pids or []]
+        except (ValueError, TypeError):
+            # A failure of runc like any other, not an exception the RPC layer never expects.
+            raise RuncError(f"{self.config.binary} ps: unexpected output {out[:200]!r}") from None
+
+
+def _read_to_eof(*pipes: IO[bytes] | None) -> list[bytes]:
+    """Read the pipes together to EOF and close them. One after the other would block for
+    ever once runc filled the second one while the first was still open."""
+    fds = [pipe.fileno() if pipe is not None else -1 for pipe in pipes]
+    chunks: dict[int, list[bytes]] = {fd: [] for fd in fds}
+    poller = select.poll()
+    for fd in fds:
+        if fd >= 0:
+            poller.register(fd, select.POLLIN)
+    left = sum(fd >= 0 for fd in fds)
+    while left:
+        for fd, _ in poller.poll():
+            data = os.read(fd, 65536)
+            if data:
+                chunks[fd].append(data)
+            else:
+                poller.unregister(fd)
+                left -= 1
+    for pipe in pipes:
+        if pipe is not None:
+            pipe.close()
+    return [b"".join(chunks[fd]) for fd in fds]
 
 
 def _write_all(pipe: IO[bytes], data: bytes) -> None:

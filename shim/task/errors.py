@@ -45,5 +45,15 @@ class RuntimeFailed(TaskError):
     code = Code.UNKNOWN
 
 
+# containerd's errdefs words a class's errors "<cause>: <class>"; containerd 1.x strips and
+# re-adds that suffix when it passes an error on, 2.x passes the message as it is, so the
+# shim words them that way itself (ctr then shows "…: process already finished: not found").
+_CLASS_TEXT = {Code.NOT_FOUND: "not found", Code.ALREADY_EXISTS: "already exists"}
+
+
 def to_status(e: TaskError) -> TTRPCError:
-    return TTRPCError(e.code, e.message)
+    message = e.message
+    suffix = _CLASS_TEXT.get(e.code)
+    if suffix and not message.endswith(suffix):
+        message = f"{message}: {suffix}"
+    return TTRPCError(e.code, message)

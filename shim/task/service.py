@@ -106,7 +106,7 @@ class TaskService:
     def _container(self, cid: str) -> Container:
         c = self.containers.get(cid)
         if c is None:
-            raise NotFound(f"container {cid}: not found")
+            raise NotFound(f"container {cid}")
         return c
 
     def _init(self, cid: str) -> InitProcess:
@@ -121,7 +121,7 @@ class TaskService:
             return c.init
         p = c.execs.get(exec_id)
         if p is None:
-            raise NotFound(f"exec {exec_id} in container {cid}: not found")
+            raise NotFound(f"exec {exec_id} in container {cid}")
         return p
 
     # -- exits -----------------------------------------------------------------------------
@@ -229,7 +229,7 @@ class TaskService:
                                   f"bundle for {cid}")
         with self._lock:
             if cid in self.containers or cid in self._creating:
-                raise AlreadyExists(f"container {cid}: already exists")
+                raise AlreadyExists(f"container {cid}")
             # Reserve the id while runc works, so a second Create for it fails fast.
             self._creating.add(cid)
         try:
@@ -505,7 +505,7 @@ class TaskService:
         c = init.container
         try:
             spec = json.loads(req.spec.value or b"{}")
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
             raise InvalidArgument(f"exec {req.exec_id}: process spec is not JSON: {e}") from None
         if not isinstance(spec, dict):
             raise InvalidArgument(f"exec {req.exec_id}: the process spec is not a JSON object")
@@ -513,7 +513,7 @@ class TaskService:
         with init.lock:
             init.check(Op.EXEC)  # a stopped or paused init is refused here
             if req.exec_id in c.execs:
-                raise AlreadyExists(f"exec {req.exec_id} in container {c.id}: already exists")
+                raise AlreadyExists(f"exec {req.exec_id} in container {c.id}")
             c.execs[req.exec_id] = ExecProcess(c, req.exec_id, req.stdin, req.stdout, req.stderr,
                                                req.terminal, json.dumps(spec).encode())
         self.publisher.publish("/tasks/exec-added",
@@ -544,7 +544,7 @@ class TaskService:
                 os.kill(p.pid, req.signal)
             except ProcessLookupError:
                 raise NotFound(f"{p.name}: process already finished") from None
-            except (OverflowError, ValueError):
+            except (OverflowError, ValueError, OSError):  # EINVAL: no such signal
                 raise InvalidArgument(f"kill {p.name}: invalid signal {req.signal}") from None
         return Empty()
 

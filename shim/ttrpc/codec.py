@@ -126,6 +126,11 @@ class Decoder:
         """Bytes held for an incomplete frame (0 between frames)."""
         return len(self._buf) + (HEADER_SIZE if self._header else 0)
 
+    @property
+    def between_frames(self) -> bool:
+        """True when no frame has been begun: nothing held and nothing being discarded."""
+        return not self._buf and self._header is None and not self._discard
+
     def feed(self, data: bytes) -> list[Event]:
         if self._broken:
             return []

@@ -226,3 +226,18 @@ def test_a_second_create_of_one_id_already_exists(shim):
     with pytest.raises(TTRPCError) as err:
         create_method(pb.CreateTaskRequest(id="c1", bundle=bundle), None)
     assert err.value.code == Code.ALREADY_EXISTS and "c1" in err.value.message
+
+
+def test_not_found_and_already_exists_are_worded_as_containerd_words_them(shim):
+    """containerd 2.x passes the message on as it is: the class text must be there."""
+    svc, _ = shim
+    create(svc, "c1")
+    svc.Start(pb.StartRequest(id="c1"), None)  # type: ignore[arg-type]
+    FakeRunc.on_launch = lambda pid: exit_now(svc, pid, 0)
+    exec_started(svc, "c1", "e1")
+    assert wait(svc, "c1", "e1") == 0
+    _, kill = svc.methods()["Kill"]
+    with pytest.raises(TTRPCError) as err:
+        kill(pb.KillRequest(id="c1", exec_id="e1", signal=9), None)
+    assert (err.value.code, err.value.message) == (
+        Code.NOT_FOUND, "exec e1 in container c1: process already finished: not found")

@@ -22,9 +22,8 @@ from shim.ttrpc import (
     TTRPCError,
     codec,
 )
-from shim.ttrpc import server as server_module
 from shim.ttrpc.codec import REQUEST, RESPONSE, Decoder, Frame, encode_frame
-from shim.ttrpc.server import _Workers
+from shim.ttrpc.server import Limits, _Workers
 from shim.ttrpc.ttrpc_pb2 import Request, Response
 
 SERVICE = "test.v1.Echo"
@@ -101,7 +100,7 @@ class Running:
         self.server.register("test.v2.Echo", self.handlers.methods())
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
-        self.listener.listen(16)
+        self.listener.listen(4096)  # as deep as the shim's (somaxconn): bursts of connections fit
         self.thread = threading.Thread(target=self.server.serve, args=(self.listener,), daemon=True)
         self.thread.start()
 
@@ -337,8 +336,17 @@ def test_oversize_response_becomes_resource_exhausted(client):
     assert client.call(SERVICE, "Echo", StringValue(value="ok"), StringValue).value == "ok"
 
 
-def test_requests_in_flight_are_capped(running, raw, monkeypatch):
-    monkeypatch.setattr(server_module, "MAX_INFLIGHT", 2)
+def test_requests_in_flight_are_capped(sockdir):
+    running = Running(os.path.join(sockdir, "s.sock"), limits=Limits(calls_per_connection=2))
+    raw = Raw(running.path)
+    try:
+        _capped(running, raw)
+    finally:
+        raw.close()
+        running.stop()
+
+
+def _capped(running, raw):
     raw.request(1, SERVICE, "Block", StringValue(value="a").SerializeToString())
     raw.request(3, SERVICE, "Block", StringValue(value="b").SerializeToString())
     raw.request(5, SERVICE, "Block", StringValue(value="c").SerializeToString())
@@ -608,14 +616,15 @@ def test_a_blocked_handler_does_not_hold_up_the_next():
 
 def test_idle_handler_threads_end():
     workers = _Workers(idle=0.05)
-    before = threading.active_count()
+    before = set(threading.enumerate())  # other tests' idle workers may end meanwhile: count ours
     for _ in range(3):
         workers.run(time.sleep, 0.2)  # three at once: three threads
-    assert threading.active_count() == before + 3
+    ours = set(threading.enumerate()) - before
+    assert len(ours) == 3
     deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
+    while any(t.is_alive() for t in ours) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert threading.active_count() == before
+    assert not any(t.is_alive() for t in ours)
     assert workers._waiting == 0
 
 
