@@ -43,6 +43,7 @@ from shim.linux import mount as mounts
 from shim.linux.cgroups import Cgroup
 from shim.linux.oom import OOMWatcher
 from shim.linux.reaper import Reaper
+from shim.probe import hooks as probe
 from shim.runtime import options
 from shim.runtime.config import RuncConfig
 from shim.runtime.runc import Runc, RuncError, request_deadline
@@ -177,6 +178,8 @@ class TaskService:
 
     def _handle_exit(self, p: Process, code: int, when: float) -> None:
         c = p.container
+        if probe.ON:  # traced; its failpoint may delay the delivery
+            probe.reaped_exit(c.id, p.exec_id, p.pid, code)
         with p.lock:
             if p.exited.is_set() or p.state is State.DELETED:
                 return
@@ -439,6 +442,7 @@ class TaskService:
     def _open_io(self, p: Process, config: RuncConfig) -> ProcessIO:
         return ProcessIO(p.name, p.stdin, p.stdout, p.stderr, terminal=p.terminal,
                          uid=config.io_uid, gid=config.io_gid, spawn=self.reaper.spawn,
+                         ids=(p.container.id, p.exec_id),
                          env={"CONTAINER_ID": p.container.id,
                               "CONTAINER_NAMESPACE": self.namespace})
 
