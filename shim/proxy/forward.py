@@ -1,0 +1,239 @@
+"""The task path: each containerd connection is paired with a connection of its own to the
+target shim, and ttrpc frames are copied both ways, decoded on the way to be traced.
+
+One connection for one connection keeps everything containerd relies on: stream ids reach
+the target as containerd numbered them, a Wait stays pending while State and Kill follow on
+the same connection, and when the target dies containerd sees its connection close, which
+is how it learns that a shim is gone. Requests are copied in order; a failpoint may answer
+one itself instead (`error`), or hold it and the requests behind it (`delay`).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+from shim.proxy import record
+from shim.ttrpc import Code, TTRPCError, codec
+
+log = logging.getLogger("shim.proxy.forward")
+
+_RECV_SIZE = 64 * 1024
+CONNECT_TIMEOUT = 5.0
+
+
+class Verdict(NamedTuple):
+    """What a failpoint decided for one request: answer with an error instead of forwarding,
+    or forward after `delay` seconds; `after` runs once the target's response went out."""
+
+    error: TTRPCError | None = None
+    delay: float = 0.0
+    after: Callable[[], None] | None = None
+
+
+PASS = Verdict()
+# A request's (container id, exec id, method) -> what to do with it.
+Judge = Callable[[str, str, str, "object"], Verdict]
+
+
+class _Pending(NamedTuple):
+    ts: float
+    wall: float
+    service: str
+    method: str
+    cid: str
+    exec_id: str
+    request: dict | None
+    response_type: type | None
+    after: Callable[[], None] | None
+
+
+class Pair:
+    """containerd's connection `down` and ours to the target, `up`."""
+
+    def __init__(self, down: socket.socket, up: socket.socket, trace: record.TraceFile | None,
+                 judge: Judge | None, on_close: Callable[[Pair], None]) -> None:
+        self.down, self.up = down, up
+        self._trace = trace
+        self._judge = judge
+        self._on_close = on_close
+        self._down_lock = threading.Lock()  # the target's responses and our own answers
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._closed = False
+
+    def start(self) -> None:
+        threading.Thread(target=self._requests, name="proxy-down", daemon=True).start()
+        threading.Thread(target=self._responses, name="proxy-up", daemon=True).start()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending, self._pending = self._pending, {}
+        for sock in (self.down, self.up):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        now = time.monotonic()
+        for sid, p in sorted(pending.items()):  # e.g. the Wait of a target that died
+            self._record(sid, p, None, int(Code.UNAVAILABLE), "connection closed before the response", now)
+        self._on_close(self)
+
+    # -- containerd -> target ------------------------------------------------------------
+
+    def _requests(self) -> None:
+        decoder = codec.Decoder()
+        try:
+            while data := self.down.recv(_RECV_SIZE):
+                for event in decoder.feed(data):
+                    if isinstance(event, codec.FramingError):
+                        log.warning("proxy: garbage from containerd: %s", event.reason)
+                        return
+                    if isinstance(event, codec.FrameTooLarge):  # as the target would answer
+                        self._answer(event.stream_id, codec.too_large_error(event.length))
+                        continue
+                    if event.type == codec.REQUEST:
+                        self._request(event)
+                    else:
+                        self.up.sendall(codec.encode_frame(*event))
+        except OSError:
+            pass
+        finally:
+            self.close()
+
+    def _request(self, frame: codec.Frame) -> None:
+        ts, wall = time.monotonic(), time.time()
+        try:
+            req = codec.decode_request(frame.data)
+        except TTRPCError:
+            self.up.sendall(codec.encode_frame(*frame))  # let the target say what is wrong
+            return
+        types = record.message_types(req.service, req.method)
+        msg = record.decode(types[0] if types else None, req.payload)
+        cid, exec_id = record.ids_of(msg)
+        verdict = self._judge(cid, exec_id, req.method, msg) if self._judge and types else PASS
+        pending = _Pending(ts, wall, req.service, req.method, cid, exec_id,
+                           record.to_dict(msg, req.payload) if self._trace else None,
+                           types[1] if types else None, verdict.after)
+        if verdict.error is not None:
+            self._answer(frame.stream_id, verdict.error)
+            self._record(frame.stream_id, pending, None, int(verdict.error.code), verdict.error.message,
+                         time.monotonic())
+            if verdict.after is not None:
+                verdict.after()
+            return
+        if verdict.delay > 0:
+            time.sleep(verdict.delay)  # in order: the requests behind it wait too
+        with self._lock:
+            if self._closed:
+                return
+            self._pending[frame.stream_id] = pending
+        self.up.sendall(codec.encode_frame(*frame))
+
+    def _answer(self, stream_id: int, error: TTRPCError) -> None:
+        with self._down_lock:
+            self.down.sendall(codec.encode_response(stream_id, error=error))
+
+    # -- target -> containerd ------------------------------------------------------------
+
+    def _responses(self) -> None:
+        decoder = codec.Decoder()
+        try:
+            while data := self.up.recv(_RECV_SIZE):
+                for event in decoder.feed(data):
+                    if isinstance(event, codec.FramingError):
+                        log.warning("proxy: garbage from the target: %s", event.reason)
+                        return
+                    if isinstance(event, codec.FrameTooLarge):
+                        continue  # containerd's client would fail the call the same way: it times out
+                    with self._down_lock:
+                        self.down.sendall(codec.encode_frame(*event))
+                    if event.type == codec.RESPONSE:
+                        self._response(event)
+        except OSError:
+            pass
+        finally:
+            self.close()
+
+    def _response(self, frame: codec.Frame) -> None:
+        end = time.monotonic()
+        with self._lock:
+            pending = self._pending.pop(frame.stream_id, None)
+        if pending is None:
+            return
+        try:
+            resp = codec.decode_response(frame.data)
+        except TTRPCError as e:
+            self._record(frame.stream_id, pending, None, int(e.code), e.message, end)
+        else:
+            code = resp.status.code if resp.HasField("status") else 0
+            body = None
+            if self._trace and code == 0:
+                body = record.to_dict(record.decode(pending.response_type, resp.payload), resp.payload)
+            self._record(frame.stream_id, pending, body, code, resp.status.message, end)
+        if pending.after is not None:
+            pending.after()
+
+    def _record(self, sid: int, p: _Pending, response: dict | None, code: int, message: str,
+                end: float) -> None:
+        if self._trace is None:
+            return
+        record.call(self._trace, ts=p.ts, wall=p.wall, service=p.service, method=p.method, stream=sid,
+                    cid=p.cid, exec_id=p.exec_id, request=p.request, response=response, code=code,
+                    message=message, duration=end - p.ts)
+
+
+class Forwarder:
+    """Accepts containerd's connections on the proxy's socket and pairs each with the target."""
+
+    def __init__(self, target_path: str, trace: record.TraceFile | None, judge: Judge | None) -> None:
+        self.target_path = target_path
+        self._trace = trace
+        self._judge = judge
+        self._pairs: set[Pair] = set()
+        self._lock = threading.Lock()
+
+    def serve(self, listener: socket.socket, stopping: threading.Event) -> None:
+        while not stopping.is_set():
+            try:
+                down, _ = listener.accept()
+            except OSError:
+                if stopping.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            self.connect(down)
+
+    def connect(self, down: socket.socket) -> None:
+        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            up.settimeout(CONNECT_TIMEOUT)
+            up.connect(self.target_path)
+            up.settimeout(None)
+        except OSError as e:
+            log.warning("proxy: cannot reach the target at %s: %s", self.target_path, e)
+            up.close()
+            down.close()  # containerd sees the shim gone
+            return
+        pair = Pair(down, up, self._trace, self._judge, self._forget)
+        with self._lock:
+            self._pairs.add(pair)
+        pair.start()
+
+    def _forget(self, pair: Pair) -> None:
+        with self._lock:
+            self._pairs.discard(pair)
+
+    def close_all(self) -> None:
+        with self._lock:
+            pairs = list(self._pairs)
+        for pair in pairs:
+            pair.close()
