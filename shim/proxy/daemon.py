@@ -28,6 +28,7 @@ from shim.proxy.target import State
 log = logging.getLogger("shim.proxy.daemon")
 
 WATCH_RETRY = 0.1
+EVENTS_GRACE = 5.0  # for Forward calls in flight when the target is gone (containerd may be slow)
 
 
 def run(listener, events_listener, state: State,
@@ -60,21 +61,23 @@ def serve(listener: socket.socket, events_listener: socket.socket | None, state:
           containerd_ttrpc: str, namespace: str) -> None:
     trace = record.open_trace(dict(os.environ))
     target_path = state.target_address.removeprefix("unix://")
-    perturb = Perturbations(trace, target_path)
+    perturb = Perturbations(trace, target_path, state.target_binary)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    relay = None
+    relay = relay_thread = None
     if events_listener is not None:
         relay = EventsRelay(containerd_ttrpc, trace, perturb.event)
-        threading.Thread(target=relay.server.serve, args=(events_listener,), name="proxy-events",
-                         daemon=True).start()
+        relay_thread = threading.Thread(target=relay.server.serve, args=(events_listener,),
+                                        kwargs={"grace": EVENTS_GRACE}, name="proxy-events", daemon=True)
+        relay_thread.start()
     forwarder = Forwarder(target_path, trace, perturb.request)
     threading.Thread(target=forwarder.serve, args=(listener, stopping), name="proxy-accept",
                      daemon=True).start()
     if trace is not None:
-        record.phase(trace, "proxy-serving", detail={"target": state.target_address,
-                                                      "proxy": state.proxy_address})
+        record.phase(trace, "proxy-serving", detail={
+            "target": state.target_address, "proxy": state.proxy_address,
+            "events": events_listener.getsockname() if events_listener is not None else None})
     log.debug("proxy for %s serving on %s", state.target_address, state.proxy_address)
     watch(target_path, stopping)
     log.debug("target %s gone: proxy exits", state.target_address)
@@ -93,6 +96,9 @@ def serve(listener: socket.socket, events_listener: socket.socket | None, state:
     listener.close()
     forwarder.close_all()
     if relay is not None:
+        # An event the target sent just before it left is still on its way to containerd.
+        relay.server.shutdown()
+        relay_thread.join(EVENTS_GRACE + 1)
         relay.close()
 
 

@@ -33,6 +33,8 @@ class EventVerdict(NamedTuple):
     delay: float = 0.0
     copies: int = 1
     error: TTRPCError | None = None
+    hang: bool = False  # neither forwarded nor answered (the target's deadline ends it)
+    then: Callable[[], None] | None = None
 
 
 EVENT_PASS = EventVerdict()
@@ -43,7 +45,7 @@ EventJudge = Callable[[str, str], EventVerdict]
 def container_of(payload: dict | None) -> str:
     if not payload:
         return ""
-    return str(payload.get("container_id") or payload.get("id") or "")
+    return str(payload.get("containerId") or payload.get("container_id") or payload.get("id") or "")
 
 
 class EventsRelay:
@@ -60,7 +62,7 @@ class EventsRelay:
         self.server.register(record.EVENTS_SERVICE, {"Forward": (ForwardRequest, self.forward)})
 
     def forward(self, req: ForwardRequest, ctx: Context) -> Empty:
-        ts, wall = time.monotonic(), time.time()
+        ts = time.monotonic()
         env = req.envelope
         payload = None
         if self._trace is not None or self._judge is not None:
@@ -74,6 +76,11 @@ class EventsRelay:
                 self._seen.popitem(last=False)
         verdict = self._judge(cid, env.topic) if self._judge is not None else EVENT_PASS
         error: TTRPCError | None = verdict.error
+        if verdict.hang:
+            if verdict.then is not None:
+                verdict.then()
+            time.sleep(ctx.time_remaining() or FORWARD_TIMEOUT)
+            raise TTRPCError(Code.DEADLINE_EXCEEDED, "proxy: failpoint hang")
         try:
             if error is None and not verdict.drop:
                 if verdict.delay > 0:
@@ -92,9 +99,11 @@ class EventsRelay:
                     extra["copies"] = verdict.copies
                 if error is not None:
                     extra.update(code=int(error.code), message=error.message)
-                record.event(self._trace, ts=ts, wall=wall, cid=cid, topic=env.topic, payload=payload,
+                record.event(self._trace, ts=ts, cid=cid, topic=env.topic, payload=payload,
                              attempts=attempts, ok=error is None, duration=time.monotonic() - ts,
                              namespace=env.namespace, type_url=env.event.type_url, **extra)
+        if verdict.then is not None:
+            verdict.then()
         if error is not None:
             raise error
         return Empty()

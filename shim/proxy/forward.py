@@ -27,29 +27,32 @@ CONNECT_TIMEOUT = 5.0
 
 
 class Verdict(NamedTuple):
-    """What a failpoint decided for one request: answer with an error instead of forwarding,
-    or forward after `delay` seconds; `after` runs once the target's response went out."""
+    """What a failpoint decided for a request (or, from `after`, for its response): pass it
+    on after `delay` seconds, or answer `error` instead, or neither (`hang`); then run
+    `then` (e.g. kill the target once a reply went out). `after` is asked when the target's
+    response arrives."""
 
     error: TTRPCError | None = None
     delay: float = 0.0
-    after: Callable[[], None] | None = None
+    hang: bool = False
+    then: Callable[[], None] | None = None
+    after: Callable[[], Verdict] | None = None
 
 
 PASS = Verdict()
-# A request's (container id, exec id, method) -> what to do with it.
-Judge = Callable[[str, str, str, "object"], Verdict]
+# (container id, exec id, method, decoded request) -> what to do with the request
+Judge = Callable[[str, str | None, str, object], Verdict]
 
 
 class _Pending(NamedTuple):
     ts: float
-    wall: float
     service: str
     method: str
     cid: str
-    exec_id: str
+    exec_id: str | None
     request: dict | None
     response_type: type | None
-    after: Callable[[], None] | None
+    after: Callable[[], Verdict] | None
 
 
 class Pair:
@@ -110,7 +113,7 @@ class Pair:
             self.close()
 
     def _request(self, frame: codec.Frame) -> None:
-        ts, wall = time.monotonic(), time.time()
+        ts = time.monotonic()
         try:
             req = codec.decode_request(frame.data)
         except TTRPCError:
@@ -120,18 +123,21 @@ class Pair:
         msg = record.decode(types[0] if types else None, req.payload)
         cid, exec_id = record.ids_of(msg)
         verdict = self._judge(cid, exec_id, req.method, msg) if self._judge and types else PASS
-        pending = _Pending(ts, wall, req.service, req.method, cid, exec_id,
+        pending = _Pending(ts, req.service, req.method, cid, exec_id,
                            record.to_dict(msg, req.payload) if self._trace else None,
                            types[1] if types else None, verdict.after)
-        if verdict.error is not None:
-            self._answer(frame.stream_id, verdict.error)
-            self._record(frame.stream_id, pending, None, int(verdict.error.code), verdict.error.message,
-                         time.monotonic())
-            if verdict.after is not None:
-                verdict.after()
-            return
         if verdict.delay > 0:
             time.sleep(verdict.delay)  # in order: the requests behind it wait too
+        if verdict.error is not None or verdict.hang:
+            if verdict.error is not None:
+                self._answer(frame.stream_id, verdict.error)
+                self._record(frame.stream_id, pending, None, int(verdict.error.code),
+                             verdict.error.message, time.monotonic())
+            if verdict.then is not None:
+                verdict.then()
+            return
+        if verdict.then is not None:
+            verdict.then()
         with self._lock:
             if self._closed:
                 return
@@ -154,10 +160,11 @@ class Pair:
                         return
                     if isinstance(event, codec.FrameTooLarge):
                         continue  # containerd's client would fail the call the same way: it times out
-                    with self._down_lock:
-                        self.down.sendall(codec.encode_frame(*event))
                     if event.type == codec.RESPONSE:
                         self._response(event)
+                    else:
+                        with self._down_lock:
+                            self.down.sendall(codec.encode_frame(*event))
         except OSError:
             pass
         finally:
@@ -167,26 +174,38 @@ class Pair:
         end = time.monotonic()
         with self._lock:
             pending = self._pending.pop(frame.stream_id, None)
-        if pending is None:
-            return
-        try:
-            resp = codec.decode_response(frame.data)
-        except TTRPCError as e:
-            self._record(frame.stream_id, pending, None, int(e.code), e.message, end)
-        else:
-            code = resp.status.code if resp.HasField("status") else 0
-            body = None
-            if self._trace and code == 0:
-                body = record.to_dict(record.decode(pending.response_type, resp.payload), resp.payload)
-            self._record(frame.stream_id, pending, body, code, resp.status.message, end)
-        if pending.after is not None:
-            pending.after()
+        verdict = pending.after() if pending is not None and pending.after is not None else PASS
+        if verdict.delay > 0:
+            time.sleep(verdict.delay)
+        if verdict.error is not None:
+            with self._down_lock:
+                self.down.sendall(codec.encode_response(frame.stream_id, error=verdict.error))
+        elif not verdict.hang:
+            with self._down_lock:
+                self.down.sendall(codec.encode_frame(*frame))
+        if pending is not None:
+            try:
+                resp = codec.decode_response(frame.data)
+            except TTRPCError as e:
+                self._record(frame.stream_id, pending, None, int(e.code), e.message, end)
+            else:
+                code = resp.status.code if resp.HasField("status") else 0
+                body = None
+                if self._trace and code == 0:
+                    body = record.to_dict(record.decode(pending.response_type, resp.payload), resp.payload)
+                if verdict.error is not None:  # what containerd got
+                    code, message = int(verdict.error.code), verdict.error.message
+                else:
+                    message = resp.status.message
+                self._record(frame.stream_id, pending, body, code, message, end)
+        if verdict.then is not None:
+            verdict.then()
 
     def _record(self, sid: int, p: _Pending, response: dict | None, code: int, message: str,
                 end: float) -> None:
         if self._trace is None:
             return
-        record.call(self._trace, ts=p.ts, wall=p.wall, service=p.service, method=p.method, stream=sid,
+        record.call(self._trace, ts=p.ts, service=p.service, method=p.method, stream=sid,
                     cid=p.cid, exec_id=p.exec_id, request=p.request, response=response, code=code,
                     message=message, duration=end - p.ts)
 

@@ -7,18 +7,16 @@ does not decode is traced as its size rather than lost.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
 from typing import Any
 
-from google.protobuf import json_format, message_factory
+from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from shim.api import cgroups_v1_pb2, cgroups_v2_pb2, events_pb2, task_pb2  # noqa: F401 (register Any types)
 from shim.api.envelope_pb2 import ForwardRequest
+from shim.probe import trace
 from shim.ttrpc import Code
 
 log = logging.getLogger("shim.proxy.record")
@@ -28,36 +26,16 @@ EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 SRC = "proxy"
 
 TRACE_ENV = "PYSHIM_TRACE"
+TraceFile = trace.Tracer
 
 
-class TraceFile:
-    """Appends one JSON object per line; a line is one write(2) on an O_APPEND file, so the
-    proxy's processes (and a traced target's) can share one file without interleaving."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._pid = os.getpid()
-
-    def write(self, record: dict) -> None:
-        record.setdefault("pid", self._pid)
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
-        try:
-            os.write(self._fd, line.encode())
-        except OSError as e:
-            log.warning("trace %s: %s", self.path, e)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-def open_trace(environ: dict[str, str]) -> TraceFile | None:
-    """The trace file containerd's environment asks for (PYSHIM_TRACE=<file>), else None."""
+def open_trace(environ: dict[str, str]) -> trace.Tracer | None:
+    """The trace containerd's environment asks for (PYSHIM_TRACE=<file>), else None."""
     path = environ.get(TRACE_ENV, "")
     if not path:
         return None
     try:
-        return TraceFile(path)
+        return trace.Tracer(path, src=SRC)
     except OSError as e:
         log.warning("cannot open trace %s: %s", path, e)
         return None
@@ -65,6 +43,7 @@ def open_trace(environ: dict[str, str]) -> TraceFile | None:
 
 _TASK_METHODS: dict[str, MethodDescriptor] = dict(
     task_pb2.DESCRIPTOR.services_by_name["Task"].methods_by_name)
+TASK_METHOD_NAMES = frozenset(_TASK_METHODS)
 
 
 def message_types(service: str, method: str) -> tuple[type[Message], type[Message]] | None:
@@ -91,42 +70,44 @@ def decode(kind: type[Message] | None, payload: bytes) -> Message | None:
 
 
 def to_dict(msg: Message | None, payload: bytes = b"") -> dict | None:
+    """As pyshim traces a message (trace.message_dict); an undecodable one as its size."""
     if msg is None:
-        return None if not payload else {"undecoded_bytes": len(payload)}
-    try:
-        return json_format.MessageToDict(msg, preserving_proto_field_name=True)
-    except (TypeError, ValueError, KeyError) as e:  # an Any of a type we do not know
-        return {"undecoded_bytes": len(payload), "error": str(e)}
+        return None if not payload else {"@undecoded_bytes": len(payload)}
+    return trace.message_dict(msg)
 
 
-def ids_of(msg: Message | None) -> tuple[str, str]:
-    """(container id, exec id) a Task request names."""
-    return (getattr(msg, "id", "") or "", getattr(msg, "exec_id", "") or "") if msg is not None else ("", "")
+def ids_of(msg: Message | None) -> tuple[str, str | None]:
+    """(container id, exec id) a Task request names; the exec id is None for a request
+    without one ("" names a container's init)."""
+    if msg is None:
+        return "", None
+    fields = msg.DESCRIPTOR.fields_by_name
+    return (getattr(msg, "id", "") if "id" in fields else "",
+            getattr(msg, "exec_id") if "exec_id" in fields else None)
 
 
-def call(writer: TraceFile, *, ts: float, wall: float, service: str, method: str, stream: int,
-         cid: str, exec_id: str, request: dict | None, response: dict | None, code: int,
-         message: str, duration: float) -> None:
-    writer.write(dict(
-        ts=ts, wall=wall, src=SRC, kind="call", id=cid, **({"exec_id": exec_id} if exec_id else {}),
-        service=service, method=method, stream=stream, request=request, response=response,
-        code=int(code), code_name=Code(code).name, message=message, duration=duration))
+def _ids(cid: str, exec_id: str | None) -> dict:
+    return {} if exec_id is None else {"exec_id": exec_id}
 
 
-def event(writer: TraceFile, *, ts: float, wall: float, cid: str, topic: str, payload: dict | None,
-          attempts: int, ok: bool, duration: float, **extra: Any) -> None:
-    writer.write(dict(ts=ts, wall=wall, src=SRC, kind="event", id=cid, topic=topic,
-                      payload=payload, attempts=attempts, ok=ok, duration=duration, **extra))
+def call(tracer: TraceFile, *, ts: float, service: str, method: str, stream: int, cid: str,
+         exec_id: str | None, request: dict | None, response: dict | None, code: int, message: str,
+         duration: float) -> None:
+    tracer.record("call", cid or None, ts=ts, **_ids(cid, exec_id), service=service, method=method,
+                  stream=stream, request=request, response=response, code=int(code),
+                  code_name=Code(code).name, message=message, duration=duration)
 
 
-def phase(writer: TraceFile, name: str, cid: str = "", detail: Any = None) -> None:
-    record = dict(ts=time.monotonic(), wall=time.time(), src=SRC, kind="phase", id=cid, name=name)
-    if detail is not None:
-        record["detail"] = detail
-    writer.write(record)
+def event(tracer: TraceFile, *, ts: float, cid: str, topic: str, payload: dict | None, attempts: int,
+          ok: bool, duration: float, **extra: Any) -> None:
+    tracer.record("event", cid or None, ts=ts, topic=topic, payload=payload, attempts=attempts, ok=ok,
+                  duration=duration, **extra)
 
 
-def failpoint(writer: TraceFile, point: str, action: str, arg: str, cid: str = "",
-              exec_id: str = "") -> None:
-    writer.write(dict(ts=time.monotonic(), wall=time.time(), src=SRC, kind="failpoint", id=cid,
-                      **({"exec_id": exec_id} if exec_id else {}), point=point, action=action, arg=arg))
+def phase(tracer: TraceFile, name: str, cid: str = "", detail: Any = None) -> None:
+    tracer.record("phase", cid or None, name=name, **({} if detail is None else {"detail": detail}))
+
+
+def failpoint(tracer: TraceFile, point: str, action: str, arg: Any, cid: str = "",
+              exec_id: str | None = None) -> None:
+    tracer.record("failpoint", cid or None, **_ids(cid, exec_id), point=point, action=action, arg=arg)
