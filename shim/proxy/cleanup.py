@@ -44,7 +44,7 @@ def delete(argv: list[str], flags: dict[str, str | bool], namespace: str, cid: s
         _remove_stale(state)
     if trace is not None:
         record.phase(trace, "target-delete", cid, {"binary": binary, "exit_status": result.returncode,
-                                                   "duration": time.monotonic() - began})
+                                                   "duration": time.monotonic() - began}, ts=began)
     sys.stderr.buffer.write(result.stderr)
     sys.stdout.buffer.write(result.stdout)
     return result.returncode

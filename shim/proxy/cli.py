@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 from shim import VERSION
 from shim.binary import address
@@ -71,11 +72,12 @@ def start(argv: list[str], flags: dict[str, str | bool], namespace: str, cid: st
     serving = False  # whether a daemon of this start serves events_path
     try:
         env = dict(os.environ, TTRPC_ADDRESS=events_path)
+        began = time.monotonic()
         result = subprocess.run([chosen.binary, *argv], cwd=bundle, input=stdin, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         if trace is not None:
-            record.phase(trace, "target-start", cid, {"binary": chosen.binary,
-                                                      "exit_status": result.returncode})
+            record.phase(trace, "target-start", cid, {"binary": chosen.binary, "exit_status": result.returncode,
+                                                      "duration": time.monotonic() - began}, ts=began)
         if result.returncode != 0:
             sys.stdout.buffer.write(result.stdout)  # containerd shows it as the reason
             return result.returncode

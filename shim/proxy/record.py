@@ -104,8 +104,8 @@ def event(tracer: TraceFile, *, ts: float, cid: str, topic: str, payload: dict |
                   duration=duration, **extra)
 
 
-def phase(tracer: TraceFile, name: str, cid: str = "", detail: Any = None) -> None:
-    tracer.record("phase", cid or None, name=name, **({} if detail is None else {"detail": detail}))
+def phase(tracer: TraceFile, name: str, cid: str = "", detail: Any = None, ts: float | None = None) -> None:
+    tracer.record("phase", cid or None, ts=ts, name=name, **({} if detail is None else {"detail": detail}))
 
 
 def failpoint(tracer: TraceFile, point: str, action: str, arg: Any, cid: str = "",
