@@ -87,7 +87,8 @@ def stop_in_target(target_path: str, namespace: str, cid: str) -> list[str]:
 
 
 def _remove_stale(state: State) -> None:
-    for path in (state.proxy_address.removeprefix("unix://"), state.events_socket):
+    for path in (state.proxy_address.removeprefix("unix://"), state.events_socket,
+                 state.target_address.removeprefix("unix://")):  # a target that died leaves its socket
         try:
             if os.path.exists(path) and not is_live(path):
                 os.unlink(path)

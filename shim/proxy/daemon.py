@@ -83,6 +83,13 @@ def serve(listener: socket.socket, events_listener: socket.socket | None, state:
     log.debug("target %s gone: proxy exits", state.target_address)
     if trace is not None:
         record.phase(trace, "proxy-exit", detail={"target": state.target_address})
+    # runc-v2 removes the socket named in the bundle's `address` when it exits, which is the
+    # proxy's: the target's own socket is left for the proxy to remove.
+    if os.path.exists(target_path) and not is_live(target_path):
+        try:
+            os.unlink(target_path)
+        except OSError:
+            pass
     for path in (listener.getsockname(), events_listener.getsockname() if events_listener else ""):
         if path:
             try:

@@ -133,7 +133,8 @@ def diff(a: list[Record], b: list[Record], name_a: str, name_b: str,
     src_b = src_b or _main_source(b)
     lines = [f"a: {name_a} ({src_a})", f"b: {name_b} ({src_b})"]
     differ = False
-    for cid_a, cid_b in pair_containers(a, b, list(pairs)):
+    paired = pair_containers(a, b, list(pairs))
+    for cid_a, cid_b in paired:
         left = [call_label(r) for r in calls(a, cid_a, src_a)]
         right = [call_label(r) for r in calls(b, cid_b, src_b)]
         same = left == right
@@ -149,9 +150,12 @@ def diff(a: list[Record], b: list[Record], name_a: str, name_b: str,
         if topics_a or topics_b:
             lines.append(f"  events a: {compact(topics_a)}")
             lines.append(f"  events b: {compact(topics_b)}")
-    ma, mb = per_method(a, src_a), per_method(b, src_b)
+    # latencies of the compared containers only (a trace may hold other runs too)
+    ids_a, ids_b = {x for x, _ in paired}, {y for _, y in paired}
+    ma = per_method([r for r in a if r.get("id") in ids_a], src_a)
+    mb = per_method([r for r in b if r.get("id") in ids_b], src_b)
     lines.append("")
-    lines.append("latency per method (median ms; b/a):")
+    lines.append("latency per method, the compared containers (median ms; b/a):")
     lines.append(f"  {'method':<12} {'n a':>4} {'a':>9} {'n b':>4} {'b':>9} {'b/a':>6}")
     for method in sorted(set(ma) | set(mb)):
         da = [r["duration"] for r in ma.get(method, [])]

@@ -43,8 +43,10 @@ def tctr(request, traced):
     yield traced.ctr
     traced.check_leaks()
     sockets = {path for r in records(traced) if r["kind"] == "phase" and r["name"] == "proxy-serving"
-               for path in (r["detail"]["proxy"].removeprefix("unix://"), r["detail"]["events"])}
-    wait_until(lambda: not any(os.path.exists(p) for p in sockets), what="the proxy's sockets are removed")
+               for path in (r["detail"]["proxy"].removeprefix("unix://"), r["detail"]["events"],
+                            r["detail"]["target"].removeprefix("unix://"))}
+    wait_until(lambda: not any(os.path.exists(p) for p in sockets),
+               what=f"the proxy's and its targets' sockets are removed: {[p for p in sockets if os.path.exists(p)]}")
 
 
 def records(traced, cid=None, kind=None):
