@@ -181,19 +181,23 @@ class Perturbations:
         if term.type == "hang":
             return kind(hang=True)
         if term.type == "panic":
-            self.kill_target()
+            self.kill_target(listener_pids(self._target_path))
             return kind(hang=True)
         if term.type == "kill":
+            # Found now, before the reply goes out: scanning /proc takes a while, and the
+            # next call must not slip through to the target meanwhile.
+            pids = listener_pids(self._target_path)
             delay = int(term.arg or 0) / 1000
-            return kind(then=lambda: threading.Timer(delay, self.kill_target).start())
+            if delay:
+                return kind(then=lambda: threading.Timer(delay, self.kill_target, (pids,)).start())
+            return kind(then=lambda: self.kill_target(pids))
         if term.type == "drop":
             return kind(drop=True)
         if term.type == "dup":
             return kind(copies=2)
         return kind()  # off
 
-    def kill_target(self) -> None:
-        pids = listener_pids(self._target_path)
+    def kill_target(self, pids: list[int]) -> None:
         log.warning("failpoint: SIGKILL to the target shim %s (pids %s)", self._target_path, pids)
         for pid in pids:
             try:

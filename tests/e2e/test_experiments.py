@@ -41,5 +41,7 @@ def test_d_the_shim_dies_right_after_create(tmp_path):
     assert found["exit_event"]["exit_status"] == 137  # ... with the status of the proxy's `delete`
     assert found["delete_event"] is not None
     assert found["leaks"] == []
-    assert found["calls"][0] == ("Create", "OK") and ("Start", "UNAVAILABLE") in found["calls"]
+    # whatever containerd sent next (Connect or Start, by timing) found the shim gone
+    assert found["calls"][0] == ("Create", "OK")
+    assert all(code == "UNAVAILABLE" for _, code in found["calls"][1:]), found["calls"]
     assert "target-delete" in found["phases"]
