@@ -246,7 +246,9 @@ def dies_after_create(out: Path, containerd: str = "containerd",
             except AssertionError:
                 delete_event = None
         tasks = cd.tasks()
+        containers_after = cd.ctr("containers", "ls", "-q").stdout.split()
         facts = {"ctr_rc": result.rc, "ctr_stderr": result.stderr.strip(), "task_after": tasks.get(cid),
+                 "container_after": cid in containers_after,
                  "exit_event": exit_event, "delete_event": delete_event}
         cd.ctr("task", "rm", "-f", cid)
         cd.ctr("container", "rm", cid)

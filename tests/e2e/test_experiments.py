@@ -38,6 +38,7 @@ def test_d_the_shim_dies_right_after_create(tmp_path):
     found = experiments.dies_after_create(tmp_path, harness.settings()["containerd"])
     assert found["ctr_rc"] != 0 and "closed" in found["ctr_stderr"]
     assert found["task_after"] is None  # containerd reports the task gone ...
+    assert found["container_after"]  # (the container record stays, for `ctr container rm`)
     assert found["exit_event"]["exit_status"] == 137  # ... with the status of the proxy's `delete`
     assert found["delete_event"] is not None
     assert found["leaks"] == []
