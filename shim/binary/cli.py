@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         return start(flags, namespace, cid)
     if action == "delete":
         from shim.binary.cleanup import delete
-        return delete(namespace, cid, str(flags.get("bundle") or os.getcwd()),
+        phase("delete.begin", cid)
+        code = delete(namespace, cid, str(flags.get("bundle") or os.getcwd()),
                       bool(flags.get("debug")))
+        phase("delete.end", cid, code)
+        return code
     if action == "zygote":  # started by `start` itself, never by containerd
         from shim.binary import zygote
         zygote.serve(str(flags.get("address", "")))
@@ -99,6 +102,7 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     """
     from shim.binary import address
 
+    phase("start.begin", cid)
     bundle = os.getcwd()
     stdin = _read_stdin()
     socket_dir = ""
@@ -111,20 +115,39 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     addr = "unix://" + path
     listener = address.listen(path)
     address.write_address_file(bundle, addr)
+    phase("start.address", cid, addr)
     if listener is None:  # a shim of this group is running: containerd joins it
+        phase("start.end", cid, "joined")
         _print(addr)
         return 0
     from shim.binary import zygote
     debug, containerd_pid = bool(flags.get("debug")), os.getppid()
     request = (bundle, dict(os.environ), debug, namespace, cid, stdin, containerd_pid)
-    if not zygote.handoff(containerd_address, listener, request):
+    if zygote.handoff(containerd_address, listener, request):
+        phase("start.end", cid, "zygote")
+    else:
         if os.fork() == 0:
             from shim.binary import daemon
             daemon.run(listener.fileno(), debug, namespace, cid, bundle, stdin, containerd_pid)
+        phase("start.end", cid, "forked")
         zygote.spawn(containerd_address)  # for the next start
     listener.close()
     _print(addr)
     return 0
+
+
+def phase(name: str, cid: str, detail: object = None) -> None:
+    """Trace a phase of `start` or `delete` when PYSHIM_TRACE (shim.probe.points.TRACE_ENV,
+    not imported: these actions stay lean) names a trace file; nothing otherwise."""
+    path = os.environ.get("PYSHIM_TRACE")
+    if not path:
+        return
+    from shim.probe import trace
+    try:
+        tracer = trace.TRACER or trace.enable(path)
+    except OSError:
+        return  # the daemon logs why it cannot trace; start must not fail for it
+    tracer.record("phase", cid, name=name, **({} if detail is None else {"detail": detail}))
 
 
 def _read_stdin() -> bytes:

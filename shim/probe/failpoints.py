@@ -26,8 +26,10 @@ and pyshim's own, accepted only by pyshim's points (`io.pyshim.failpoint.<point>
                 blocking: a reply or event in flight still goes out)
     drop        (events) the event is never forwarded
     dup         (events) the event is forwarded twice
-    stop        (stdio) stop copying this stream
-    close       (stdio) close this stream early
+    stop[(n)]   (stdio) stop copying this stream (after n bytes; the pipe is left
+                open, so a writer blocks once it is full)
+    close[(n)]  (stdio) close this stream early (after n bytes): the container's end
+                sees EPIPE (output) or end of file (stdin)
 
 Which point accepts which types is the table POINT_TYPES; the annotations and points
 themselves are read by shim/probe/control.py. A malformed value raises FailpointError
@@ -46,13 +48,13 @@ CONTAINERD_TYPES = frozenset({"off", "error", "panic", "delay"})
 PYSHIM_TYPES = CONTAINERD_TYPES | {"hang", "kill", "drop", "dup", "stop", "close"}
 
 # type -> how its argument is given: "none" (no parentheses), "text" (required, up to
-# the first ')'), "ms" (required whole milliseconds), "opt-ms" (optional milliseconds)
-_ARG = {"off": "none", "error": "text", "panic": "text", "delay": "ms", "hang": "none",
-        "kill": "opt-ms", "drop": "none", "dup": "none", "stop": "none", "close": "none"}
+# the first ')'), "int" (required whole number), "opt-int" (optional whole number)
+_ARG = {"off": "none", "error": "text", "panic": "text", "delay": "int", "hang": "none",
+        "kill": "opt-int", "drop": "none", "dup": "none", "stop": "opt-int", "close": "opt-int"}
 
 _COUNT = re.compile(r"[0-9]+")
 _NAME = re.compile(r"[a-z]+")
-_MS = re.compile(r"[0-9]+\)")
+_INT = re.compile(r"[0-9]+\)")
 
 
 class FailpointError(ValueError):
@@ -61,8 +63,8 @@ class FailpointError(ValueError):
 
 @dataclass(frozen=True)
 class Term:
-    """One term as it fires: its type and argument (text for error/panic, int ms for
-    delay/kill, None otherwise)."""
+    """One term as it fires: its type and argument (text for error/panic, an int for
+    delay/kill (milliseconds) and stop/close (bytes), None when not given)."""
 
     type: str
     arg: str | int | None = None
@@ -130,7 +132,7 @@ def _parse_term(name: str, value: str, pos: int, types: frozenset[str]) -> tuple
     pos = m.end()  # type: ignore[union-attr]
     how = _ARG[kind]
     has_paren = value.startswith("(", pos)
-    if how == "none" or (how == "opt-ms" and not has_paren):
+    if how == "none" or (how == "opt-int" and not has_paren):
         return pos, count, Term(kind)
     if not has_paren:
         raise FailpointError(f"{name}: {kind} needs an argument in parentheses in {value!r}")
@@ -140,7 +142,7 @@ def _parse_term(name: str, value: str, pos: int, types: frozenset[str]) -> tuple
         if end <= pos:
             raise FailpointError(f"{name}: invalid argument for {kind} type in {value!r}")
         return end + 1, count, Term(kind, value[pos:end])
-    m = _MS.match(value, pos)
+    m = _INT.match(value, pos)
     if m is None:
-        raise FailpointError(f"{name}: {kind} takes whole milliseconds, e.g. {kind}(100), in {value!r}")
+        raise FailpointError(f"{name}: {kind} takes a whole number, e.g. {kind}(100), in {value!r}")
     return m.end(), count, Term(kind, int(m.group()[:-1]))

@@ -87,6 +87,10 @@ class Tracer:
         with self._lock:
             self._routes.pop(cid, None)
 
+    def routed(self, cid: str) -> bool:
+        """Whether container `cid` has a trace of its own."""
+        return cid in self._routes
+
     def wants(self, cid: str | None) -> bool:
         """Whether a record about `cid` would be written (lets callers skip building it)."""
         return self._default is not None or (cid is not None and cid in self._routes)

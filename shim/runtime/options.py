@@ -24,6 +24,8 @@ RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
 class Options:
     runc: RuncConfig
     shim_cgroup: str = ""
+    trace: str = ""      # PyshimTrace: the shim's trace file (README: tracing)
+    trace_dir: str = ""  # PyshimTraceDir: where io.pyshim.trace annotations may write
 
 
 DEFAULT = Options(RuncConfig())  # for no options, or options of a type we do not know
@@ -55,6 +57,8 @@ def decode(type_url: str, value: bytes, context: str) -> Options:
     return DEFAULT
 
 
+# pyshim's own keys of the options table -> Options fields (strings)
+PYSHIM_KEYS = {"PyshimTrace": "trace", "PyshimTraceDir": "trace_dir"}
 # The keys of CRI's options table (the runc shim's TOML names) -> RuncConfig fields.
 TABLE_KEYS = {"BinaryName": "binary", "Root": "root", "SystemdCgroup": "systemd_cgroup",
               "NoPivotRoot": "no_pivot_root", "NoNewKeyring": "no_new_keyring",
@@ -81,14 +85,15 @@ def from_table(table: dict, context: str) -> Options:
     for key, value in table.items():
         if key in TABLE_KEYS:
             fields[TABLE_KEYS[key]] = value
-        elif key not in ("TypeUrl", "ConfigPath", "ShimCgroup"):
+        elif key not in ("TypeUrl", "ConfigPath", "ShimCgroup", *PYSHIM_KEYS):
             log.info("%s: ignoring unknown runtime option %s", context, key)
     try:
         config = RuncConfig(**fields)
     except TypeError as e:
         log.warning("%s: bad runtime options: %s", context, e)
         config = RuncConfig()
-    return Options(config, str(table.get("ShimCgroup", "")))
+    own = {field: str(table[key]) for key, field in PYSHIM_KEYS.items() if key in table}
+    return Options(config, str(table.get("ShimCgroup", "")), **own)
 
 
 def decode_any_bytes(data: bytes, context: str) -> Options:

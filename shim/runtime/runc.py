@@ -14,10 +14,17 @@ import subprocess
 from typing import IO, Any
 
 from shim.linux.reaper import Reaper
+from shim.probe import hooks as probe
 from shim.runtime.config import RuncConfig
 
+
 class RuncError(Exception):
-    """A runc command failed; the message is runc's own error text."""
+    """A runc command failed; the message is runc's own error text, `status` its exit
+    status (-1 when it could not be run)."""
+
+    def __init__(self, message: str, status: int = -1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Runc:
@@ -32,6 +39,14 @@ class Runc:
     def run(self, *args: str, stdio: tuple[Any, Any, Any] | None = None,
             input: bytes | None = None, capture: bool = False) -> bytes:
         """Run one runc command to completion; returns its stdout when `capture`."""
+        argv = self.config.command(self.namespace, self.bundle, *args)
+        if probe.ON:  # the bundle's name is the container id (Create checks it)
+            return probe.runc(os.path.basename(self.bundle), args[0], argv,
+                              lambda: self._run(args[0], argv, stdio, input, capture), RuncError)
+        return self._run(args[0], argv, stdio, input, capture)
+
+    def _run(self, verb: str, argv: list[str], stdio: tuple[Any, Any, Any] | None, input: bytes | None,
+             capture: bool) -> bytes:
         stdin: Any = subprocess.DEVNULL
         stdout: Any = subprocess.PIPE if capture else subprocess.DEVNULL
         stderr: Any = subprocess.PIPE
@@ -42,7 +57,7 @@ class Runc:
         elif input is not None:
             stdin = subprocess.PIPE
         try:
-            child = self.reaper.spawn(self.config.command(self.namespace, self.bundle, *args), cwd=self.bundle, env=self._env,
+            child = self.reaper.spawn(argv, cwd=self.bundle, env=self._env,
                                       stdin=stdin, stdout=stdout, stderr=stderr)
         except OSError as e:
             raise RuncError(f"{self.config.binary}: {e.strerror}") from None
@@ -57,7 +72,7 @@ class Runc:
         code = child.wait()
         if code != 0:
             text = self.last_error() or err.decode(errors="replace").strip()
-            raise RuncError(text or f"{self.config.binary} {args[0]} exited with status {code}")
+            raise RuncError(text or f"{self.config.binary} {verb} exited with status {code}", code)
         return out
 
     def last_error(self) -> str:

@@ -33,6 +33,8 @@ import time
 from typing import Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from shim.probe import hooks as probe
+
 log = logging.getLogger("shim.runtime.stdio")
 
 CHUNK = 1 << 16
@@ -49,9 +51,12 @@ def _close(fd: int | None) -> None:
             pass
 
 
-def _copy(src: int, dst: int, stop_fd: int, quiet_fd: int | None = None) -> None:
+def _copy(src: int, dst: int, stop_fd: int, quiet_fd: int | None = None,
+          limit: int | None = None) -> int:
     """Move bytes from src to dst until EOF on src or until stop_fd becomes readable; once
-    quiet_fd is readable too, also as soon as src has had nothing to read for QUIET_MS."""
+    quiet_fd is readable too, also as soon as src has had nothing to read for QUIET_MS;
+    with a `limit`, once that many bytes are copied. Returns the bytes copied."""
+    copied = 0
     use_splice = True
     poller = select.poll()
     poller.register(src, select.POLLIN)
@@ -59,26 +64,30 @@ def _copy(src: int, dst: int, stop_fd: int, quiet_fd: int | None = None) -> None
     if quiet_fd is not None:
         poller.register(quiet_fd, select.POLLIN)
     timeout = None
-    while True:
+    while limit is None or copied < limit:
         ready = [fd for fd, _ in poller.poll(timeout)]
         if stop_fd in ready or not ready:  # nothing ready: quiet for QUIET_MS
-            return
+            return copied
         if quiet_fd in ready:
             poller.unregister(quiet_fd)
             timeout = QUIET_MS
             if src not in ready:
                 continue
+        chunk = CHUNK if limit is None else min(CHUNK, limit - copied)
         try:
             if use_splice:
-                if os.splice(src, dst, CHUNK) == 0:
-                    return
+                n = os.splice(src, dst, chunk)
+                if n == 0:
+                    return copied
+                copied += n
                 continue
-            data = os.read(src, CHUNK)
+            data = os.read(src, chunk)
             if not data:
-                return
+                return copied
             view = memoryview(data)
             while view:
                 view = view[os.write(dst, view):]
+            copied += len(data)
         except InterruptedError:
             continue
         except OSError as e:
@@ -86,8 +95,16 @@ def _copy(src: int, dst: int, stop_fd: int, quiet_fd: int | None = None) -> None
                 use_splice = False  # not both ends are pipes: plain read/write
                 continue
             if e.errno == errno.EIO:
-                return  # a pty master after the last slave fd closed: end of output
+                return copied  # a pty master after the last slave fd closed: end of output
             raise
+    return copied
+
+
+def _wait(fd: int) -> None:
+    """Block until `fd` is readable (the stop pipe)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.poll()
 
 
 def _drain(src: int, stop_fd: int) -> None:
@@ -116,8 +133,10 @@ class ProcessIO:
 
     def __init__(self, label: str, stdin: str, stdout: str, stderr: str, *,
                  terminal: bool = False, uid: int = -1, gid: int = -1,
-                 spawn: Spawn | None = None, env: dict[str, str] | None = None) -> None:
+                 spawn: Spawn | None = None, env: dict[str, str] | None = None,
+                 ids: tuple[str, str] = ("", "")) -> None:
         self.label = label
+        self.ids = ids  # (container id, exec id), for traces and failpoints
         self.terminal = terminal
         self._uid, self._gid = uid, gid
         self._lock = threading.Lock()
@@ -126,7 +145,7 @@ class ProcessIO:
         self._drained: list[threading.Event] = []
         self._stdin_keepalive: int | None = None
         self._stdin_src: int | None = None
-        self._outputs: list[tuple[int | None, int, str]] = []  # (writer, keepalive, path)
+        self._outputs: list[tuple[int | None, int, str, str]] = []  # (writer, keepalive, path, stream)
         self._console: int | None = None
         self._console_dir: str | None = None
         self._console_listener: socket.socket | None = None
@@ -157,15 +176,15 @@ class ProcessIO:
             if scheme == "binary":
                 raise OSError(errno.EINVAL, "binary:// logging is not supported with a terminal")
             if stdout:
-                self._outputs.append(self._open_destination(stdout))
+                self._outputs.append((*self._open_destination(stdout), "stdout"))
             return (None, None, None)
         runc_in = self._stdin_pipe() if stdin else None
         if scheme == "binary":
             if spawn is None:
                 raise OSError(errno.EINVAL, "binary:// needs a process spawner")
             return (runc_in, *self._start_logger(stdout, spawn, env))
-        runc_out = self._output_pipe(stdout) if stdout else None
-        runc_err = self._output_pipe(stderr if scheme != "file" else stdout) \
+        runc_out = self._output_pipe(stdout, "stdout") if stdout else None
+        runc_err = self._output_pipe(stderr if scheme != "file" else stdout, "stderr") \
             if (stderr or scheme == "file") else None
         return (runc_in, runc_out, runc_err)
 
@@ -227,18 +246,18 @@ class ProcessIO:
             writer = None  # no reader yet: the copy loop waits for one
         return writer, self._own(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)), path
 
-    def _output_pipe(self, uri: str) -> int:
+    def _output_pipe(self, uri: str, stream: str) -> int:
         writer, keepalive, path = self._open_destination(uri)
         r, w = self._pipe()
-        self._start_output(r, writer, keepalive, path)
+        self._start_output(r, writer, keepalive, path, stream)
         return self._for_runc(w)
 
     def _start_output(self, src: int, writer: int | None, keepalive: int, path: str,
-                      quiet_fd: int | None = None) -> None:
+                      stream: str, quiet_fd: int | None = None) -> None:
         done = threading.Event()
         self._drained.append(done)
         self._start(f"{self.label} output", self._pump_output, src, writer, keepalive, path, done,
-                    quiet_fd)
+                    quiet_fd, stream)
 
     def _start(self, name: str, target: Callable[..., None], *args: object) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -316,12 +335,19 @@ class ProcessIO:
     # -- copy loops -----------------------------------------------------------------------
 
     def _pump_output(self, src: int, dst: int | None, keepalive: int, path: str,
-                     done: threading.Event, quiet_fd: int | None) -> None:
+                     done: threading.Event, quiet_fd: int | None, stream: str) -> None:
+        copied = 0
+        fault = probe.stdio_start(*self.ids, stream) if probe.ON else None
         try:
             if dst is None:
                 # Nobody read the FIFO at set-up: wait for a reader (blocking open).
                 dst = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            _copy(src, dst, self._stop_r, quiet_fd)
+            if fault is None:
+                copied = _copy(src, dst, self._stop_r, quiet_fd)
+            else:  # a failpoint: copy up to its byte count, then stop or close
+                copied = _copy(src, dst, self._stop_r, quiet_fd, limit=int(fault.arg or 0))
+                if fault.type == "stop":
+                    _wait(self._stop_r)
         except OSError as e:
             log.warning("%s: copying output to %s failed: %s", self.label, path, e)
             _drain(src, self._stop_r)
@@ -329,10 +355,19 @@ class ProcessIO:
             for fd in (src, dst, keepalive):
                 _close(fd)
             done.set()
+            if probe.ON:
+                probe.stdio_end(*self.ids, stream, copied)
 
     def _pump_stdin(self, src: int, dst: int, terminal: bool) -> None:
+        copied = 0
+        fault = probe.stdio_start(*self.ids, "stdin") if probe.ON else None
         try:
-            _copy(src, dst, self._stop_r)
+            if fault is None:
+                copied = _copy(src, dst, self._stop_r)
+            else:  # a failpoint: copy up to its byte count, then stop or close
+                copied = _copy(src, dst, self._stop_r, limit=int(fault.arg or 0))
+                if fault.type == "stop":
+                    _wait(self._stop_r)
             if terminal:
                 os.write(dst, EOT)  # a terminal has no half-close: send end-of-input
         except OSError as e:
@@ -341,6 +376,8 @@ class ProcessIO:
         finally:
             _close(src)
             _close(dst)  # for a pipe, this is the container's EOF
+            if probe.ON:
+                probe.stdio_end(*self.ids, "stdin", copied)
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -354,12 +391,13 @@ class ProcessIO:
             finally:
                 self._close_console_socket()
             if self._outputs:
-                writer, keepalive, path = self._outputs.pop()
+                writer, keepalive, path, stream = self._outputs.pop()
                 # A terminal ends (EIO) only once every process holding it is gone, and a
                 # child the process left behind may hold it for ever: after the exit
                 # (`wait_drained`), the copy ends as soon as the terminal falls quiet.
                 self._exited = os.eventfd(0, os.EFD_CLOEXEC)
-                self._start_output(os.dup(self._console), writer, keepalive, path, self._exited)
+                self._start_output(os.dup(self._console), writer, keepalive, path, stream,
+                                   self._exited)
             if self._stdin_src is not None:
                 self._start_stdin(os.dup(self._console), True)
 
@@ -399,7 +437,7 @@ class ProcessIO:
             t.join(max(0.0, deadline - time.monotonic()))
         _close(self._console)
         self._console = None
-        for writer, keepalive, _ in self._outputs:  # never handed to a loop
+        for writer, keepalive, _, _ in self._outputs:  # never handed to a loop
             _close(writer)
             _close(keepalive)
         self._outputs.clear()

@@ -41,6 +41,7 @@ from shim.linux.cgroups import Cgroup
 from shim.task.events import Publisher, timestamp_of
 from shim.linux.oom import OOMWatcher
 from shim.linux.reaper import Reaper
+from shim.probe import hooks as probe
 from shim.runtime.runc import Runc, RuncConfig, RuncError
 from shim.task.state import Lifecycle, State
 from shim.runtime.stdio import ProcessIO
@@ -214,6 +215,8 @@ class TaskService:
 
     def _handle_exit(self, p: Process, code: int, when: float) -> None:
         c = p.container
+        if probe.ON:  # traced; its failpoint may delay the delivery
+            probe.reaped_exit(c.id, p.exec_id, p.pid, code)
         with p.lock:
             if p.exited.is_set() or p.state is State.DELETED:
                 return
@@ -476,6 +479,7 @@ class TaskService:
     def _open_io(self, p: Process, config: RuncConfig) -> ProcessIO:
         return ProcessIO(p.name, p.stdin, p.stdout, p.stderr, terminal=p.terminal,
                          uid=config.io_uid, gid=config.io_gid, spawn=self.reaper.spawn,
+                         ids=(p.container.id, p.exec_id),
                          env={"CONTAINER_ID": p.container.id,
                               "CONTAINER_NAMESPACE": self.namespace})
 
