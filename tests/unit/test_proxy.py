@@ -76,7 +76,7 @@ def test_in_front_of_pyshim_only_the_proxys_own_annotations_count():
     ({CD + "Strat": "1*off"}, "not a Task method"),
     ({CD + "Start": "1*drop"}, "not accepted"),  # containerd's own types only
     ({PX + "Start.during": "1*off"}, "no failpoint"),
-    ({PX + "event.exit": "1*delay(soon)"}, "whole milliseconds"),
+    ({PX + "event.exit": "1*delay(soon)"}, "whole number"),
 ])
 def test_malformed_failpoints_name_their_annotation(annotations, message):
     with pytest.raises(FailpointError, match=message) as info:
