@@ -102,8 +102,8 @@ def callseq(out: Path, containerd_a: str = "containerd", containerd_b: str = str
     services = {k: sorted({r["service"] for r in calls(load(str(t)))}) for k, (t, _) in traces.items()}
     text += f"\nservices: a {', '.join(services['a'])}; b {', '.join(services['b'])}\n"
     write(out, "callseq.txt", text)
-    return {"differ": differ, "a": [r["method"] for r in calls(a, "ctr-run-rm")],
-            "b": [r["method"] for r in calls(b, "ctr-run-rm")], "services": services, "text": text}
+    return {"differ": differ, "a": [r["method"] for r in calls(a, "ctr-run-rm", "proxy")],
+            "b": [r["method"] for r in calls(b, "ctr-run-rm", "proxy")], "services": services, "text": text}
 
 
 # -- (b) -------------------------------------------------------------------------------------
@@ -146,9 +146,11 @@ def shims(out: Path, containerd: str = "containerd", runs: int = 3) -> dict:
                                    pairs, "proxy", "proxy")
     write(out, "shims.txt", text)
     _timeline(out, trace, ids["pyshim"][-1], "pyshim through the proxy: run -d, exec, kill, rm")
-    return {"differ": differ, "pairs": pairs, "text": text,
-            "runc": [r["method"] for r in calls(records, ids["runc"][0])],
-            "pyshim": [r["method"] for r in calls(records, ids["pyshim"][0])]}
+    targets = {r["id"]: Path(r["detail"]["binary"]).name for r in records
+               if r["kind"] == "phase" and r["name"] == "target-start"}
+    return {"differ": differ, "pairs": pairs, "text": text, "targets": targets,
+            "runc": [r["method"] for r in calls(records, ids["runc"][0], "proxy")],
+            "pyshim": [r["method"] for r in calls(records, ids["pyshim"][0], "proxy")]}
 
 
 # -- (c) -------------------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def dies_after_create(out: Path, containerd: str = "containerd",
     write(out, "dies-after-create.txt", text)
     _timeline(out, trace, cid, "the shim dies right after Create (Create.after=1*kill)")
     facts["phases"] = [r["name"] for r in records if r["kind"] == "phase" and r.get("id") == cid]
-    facts["calls"] = [(r["method"], r["code_name"]) for r in calls(records, cid)]
+    facts["calls"] = [(r["method"], r["code_name"]) for r in calls(records, cid, "proxy")]
     return facts
 
 

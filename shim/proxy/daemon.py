@@ -28,6 +28,7 @@ from shim.proxy.target import State
 log = logging.getLogger("shim.proxy.daemon")
 
 WATCH_RETRY = 0.1
+PAIRS_GRACE = 2.0  # for the target's last answers (Shutdown's) to reach containerd
 EVENTS_GRACE = 5.0  # for Forward calls in flight when the target is gone (containerd may be slow)
 
 
@@ -101,7 +102,7 @@ def serve(listener: socket.socket, events_listener: socket.socket | None, state:
     except OSError:
         pass
     listener.close()
-    forwarder.close_all()
+    forwarder.close_all(grace=PAIRS_GRACE)
     if relay is not None:
         # An event the target sent just before it left is still on its way to containerd.
         relay.server.shutdown()

@@ -219,6 +219,7 @@ class Forwarder:
         self._judge = judge
         self._pairs: set[Pair] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified as pairs close
 
     def serve(self, listener: socket.socket, stopping: threading.Event) -> None:
         while not stopping.is_set():
@@ -250,9 +251,13 @@ class Forwarder:
     def _forget(self, pair: Pair) -> None:
         with self._lock:
             self._pairs.discard(pair)
+            self._idle.notify_all()
 
-    def close_all(self) -> None:
+    def close_all(self, grace: float = 0.0) -> None:
+        """Close every pair, after up to `grace` seconds for them to end by themselves (a
+        target that exited closes its side once its last answers went out: they still pass)."""
         with self._lock:
+            self._idle.wait_for(lambda: not self._pairs, timeout=grace)
             pairs = list(self._pairs)
         for pair in pairs:
             pair.close()

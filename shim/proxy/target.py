@@ -22,7 +22,7 @@ from shim.proxy import PROXY_BINARY, PROXY_RUNTIME
 
 DEFAULT_TARGET = "io.containerd.runc.v2"
 TARGET_ENV = "PYSHIM_PROXY_TARGET"
-TARGET_ANNOTATION = "io.pyshim.proxy.target"
+TARGET_ANNOTATION = "io.pyshimproxy.target"
 STATE_FILE = "pyshimproxy.json"
 
 

@@ -82,10 +82,14 @@ def render(records: list[Record], cid: str, title: str = "") -> str:
         return LEFT + (t - t0) * scale
 
     lanes: list[tuple[str, list[Record]]] = []
-    for src in sources(mine):
+    writers = sorted(sources(mine), key=lambda s: s != "proxy")  # the proxy sees containerd's side first
+    for src in writers:
         lanes.append((f"calls ({src})", [r for r in mine if r["kind"] == "call" and r["src"] == src]))
-    for kind, name in (("runc", "runc"), ("event", "events"), ("stdio", "stdio")):
-        lanes.append((name, [r for r in mine if r["kind"] == kind]))
+    lanes.append(("runc", [r for r in mine if r["kind"] == "runc"]))
+    for src in writers:
+        lanes.append((f"events ({src})" if len(writers) > 1 else "events",
+                      [r for r in mine if r["kind"] == "event" and r["src"] == src]))
+    lanes.append(("stdio", [r for r in mine if r["kind"] == "stdio"]))
     marks = [r for r in mine if r["kind"] in ("exit", "failpoint", "phase")]
     # labels need about 7 px per character: bars closer than that share no row
     min_gap = 64 / scale

@@ -92,10 +92,11 @@ def summary(records: list[Record], name: str) -> str:
             seq = [call_label(r) for r in calls(records, cid, src)]
             if seq:
                 lines.append(f"  {cid} ({src}): {compact(seq)}")
-        topics = [r["topic"].rsplit("/", 1)[-1] for r in sorted(records, key=lambda r: r["ts"])
-                  if r["kind"] == "event" and r.get("id") == cid]
-        if topics:
-            lines.append(f"  {cid} events: {compact(topics)}")
+        for src in sources(records):
+            topics = [r["topic"].rsplit("/", 1)[-1] for r in sorted(records, key=lambda r: r["ts"])
+                      if r["kind"] == "event" and r.get("id") == cid and r["src"] == src]
+            if topics:
+                lines.append(f"  {cid} events ({src}): {compact(topics)}")
     return "\n".join(lines) + "\n"
 
 
@@ -145,8 +146,10 @@ def diff(a: list[Record], b: list[Record], name_a: str, name_b: str,
         width = max([len(x) for x in left] + [len(f"a: {cid_a}")] + [8])
         lines.append(f"    {'a: ' + cid_a:<{width}}   b: {cid_b}")
         lines += _side_by_side(left, right, width)
-        topics_a = [r["topic"] for r in sorted(a, key=lambda r: r["ts"]) if r["kind"] == "event" and r.get("id") == cid_a]
-        topics_b = [r["topic"] for r in sorted(b, key=lambda r: r["ts"]) if r["kind"] == "event" and r.get("id") == cid_b]
+        topics_a = [r["topic"] for r in sorted(a, key=lambda r: r["ts"])
+                    if r["kind"] == "event" and r.get("id") == cid_a and r["src"] == src_a]
+        topics_b = [r["topic"] for r in sorted(b, key=lambda r: r["ts"])
+                    if r["kind"] == "event" and r.get("id") == cid_b and r["src"] == src_b]
         if topics_a or topics_b:
             lines.append(f"  events a: {compact(topics_a)}")
             lines.append(f"  events b: {compact(topics_b)}")

@@ -29,6 +29,9 @@ def test_a_ctr_run_rm_call_sequence_on_1_6_and_2_1(tmp_path):
 
 def test_b_runc_v2_and_pyshim_through_the_proxy(tmp_path):
     found = experiments.shims(tmp_path, harness.settings()["containerd"], runs=1)
+    assert {cid: name for cid, name in found["targets"].items()} == {
+        "runc-0": "containerd-shim-runc-v2", "pyshim-0": "containerd-shim-pyshim-v1",
+        "runc-exec": "containerd-shim-runc-v2", "pyshim-exec": "containerd-shim-pyshim-v1"}
     assert found["runc"][0] == found["pyshim"][0] == "Create"
     assert found["runc"][-2:] == found["pyshim"][-2:] == ["Delete", "Shutdown"]
     assert "calls of runc-exec (a) and pyshim-exec (b)" in found["text"]

@@ -14,6 +14,8 @@ from shim.tools.tracefile import TraceError, load, parse
 from shim.tools.tracestats import compact, percentile
 
 DATA = Path(__file__).parent / "data" / "traces"
+# `ctr run --rm … echo hi` twice (warm, echo-hi) through the proxy in front of pyshim, both tracing
+BOTH = str(DATA / "proxy-pyshim.jsonl")
 V16, V21, DIES = (str(DATA / n) for n in ("ctr-run-rm-1.6.jsonl", "ctr-run-rm-2.1.jsonl", "dies-after-create.jsonl"))
 RUN_RM = ["Create", "Connect", "Connect", "Start", "Wait", "State", "State", "Delete", "Shutdown"]
 
@@ -32,7 +34,7 @@ def test_summary_counts_calls_and_orders_them_per_container(capsys):
     count, errors = create.split()[1:3]
     assert (count, errors) == ("1", "0")
     assert "ctr-run-rm (proxy): Create Connect×2 Start Wait State×2 Delete Shutdown" in out
-    assert "ctr-run-rm events: create start exit delete" in out
+    assert "ctr-run-rm events (proxy): create start exit delete" in out
 
 
 def test_summary_lists_errors_and_failpoints(capsys):
@@ -82,6 +84,25 @@ def test_timeline_is_an_svg_with_every_call_and_event(capsys, tmp_path):
     titles = [t.text for t in root.iter("{http://www.w3.org/2000/svg}title")]
     assert sum(1 for t in titles if t.split()[0] in RUN_RM) == len(RUN_RM)
     assert sum(1 for t in titles if t.startswith("/tasks/")) == 4
+
+
+def test_timeline_across_proxy_pyshim_runc_and_events(capsys, tmp_path):
+    out = tmp_path / "t.svg"
+    assert run(capsys, "timeline", BOTH, "--id", "echo-hi", "-o", str(out))[0] == 0
+    root = ET.parse(out).getroot()
+    lanes = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text") if t.get("class") == "lane"]
+    assert lanes[:5] == ["calls (proxy)", "calls (pyshim)", "runc", "events (proxy)", "events (pyshim)"]
+    titles = [t.text for t in root.iter("{http://www.w3.org/2000/svg}title")]
+    assert any(t.startswith("runc ") and " create " in f" {t} " for t in titles), titles
+
+
+def test_summary_of_two_writers_keeps_them_apart(capsys):
+    code, out, _ = run(capsys, "summary", BOTH)
+    assert code == 0 and "calls seen by pyshim:" in out and "calls seen by proxy:" in out
+    assert "echo-hi events (pyshim): create start exit delete" in out
+    assert "echo-hi events (proxy): create start exit delete" in out
+    code, out, _ = run(capsys, "diff", BOTH, BOTH, "--src-a", "proxy", "--src-b", "pyshim", "--pair", "echo-hi=echo-hi")
+    assert "calls of echo-hi (a) and echo-hi (b)" in out and "(proxy)" in out and "(pyshim)" in out
 
 
 def test_timeline_of_an_unknown_container_is_an_error(capsys, tmp_path):
