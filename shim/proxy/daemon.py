@@ -60,7 +60,9 @@ def run(listener, events_listener, state: State,
 
 def serve(listener: socket.socket, events_listener: socket.socket | None, state: State,
           containerd_ttrpc: str, namespace: str) -> None:
-    trace = record.open_trace(dict(os.environ))
+    # Without PYSHIM_TRACE a tracer with no default file: a container's io.pyshim.trace
+    # annotation may still route its records to a file of its own (see perturb.py).
+    trace = record.open_trace(dict(os.environ)) or record.TraceFile(None, src=record.SRC)
     target_path = state.target_address.removeprefix("unix://")
     perturb = Perturbations(trace, target_path, state.target_binary)
     stopping = threading.Event()

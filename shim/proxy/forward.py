@@ -122,9 +122,14 @@ class Pair:
         types = record.message_types(req.service, req.method)
         msg = record.decode(types[0] if types else None, req.payload)
         cid, exec_id = record.ids_of(msg)
-        verdict = self._judge(cid, exec_id, req.method, msg) if self._judge and types else PASS
+        verdict = PASS
+        if self._judge is not None and types is not None:
+            try:
+                verdict = self._judge(cid, exec_id, req.method, msg)
+            except Exception:  # a bug in a failpoint must not take containerd's connection down
+                log.exception("proxy: failpoints of %s %s", cid, req.method)
         pending = _Pending(ts, req.service, req.method, cid, exec_id,
-                           record.to_dict(msg, req.payload) if self._trace else None,
+                           record.to_dict(msg, req.payload) if self._trace and self._trace.wants(cid) else None,
                            types[1] if types else None, verdict.after)
         if verdict.delay > 0:
             time.sleep(verdict.delay)  # in order: the requests behind it wait too
@@ -191,7 +196,7 @@ class Pair:
             else:
                 code = resp.status.code if resp.HasField("status") else 0
                 body = None
-                if self._trace and code == 0:
+                if self._trace and self._trace.wants(pending.cid) and code == 0:
                     body = record.to_dict(record.decode(pending.response_type, resp.payload), resp.payload)
                 if verdict.error is not None:  # what containerd got
                     code, message = int(verdict.error.code), verdict.error.message

@@ -31,6 +31,7 @@ import signal
 import threading
 from collections.abc import Mapping
 
+from shim.probe import points
 from shim.probe.failpoints import CONTAINERD_TYPES, Failpoint, FailpointError, Term, parse
 from shim.proxy import record
 from shim.proxy.events import EVENT_PASS, EventVerdict
@@ -132,9 +133,11 @@ class Perturbations:
 
     def request(self, cid: str, exec_id: str | None, method: str, msg: object) -> Verdict:
         if method == "Create":
+            annotations = annotations_of(getattr(msg, "bundle", ""))
             try:
-                armed = failpoints(annotations_of(getattr(msg, "bundle", "")), self._leave_to_target)
-            except FailpointError as e:
+                armed = failpoints(annotations, self._leave_to_target)
+                self._route_trace(cid, annotations)
+            except (FailpointError, points.ProbeConfigError) as e:
                 return Verdict(error=TTRPCError(Code.INVALID_ARGUMENT, str(e)))
             with self._lock:
                 if armed:
@@ -143,28 +146,42 @@ class Perturbations:
                              ", ".join(f"{p}={fp}" for p, fp in sorted(armed.items())))
                 else:
                     self._armed.pop(cid, None)
-        points = self._armed.get(cid)
-        if not points:
+        mine = self._armed.get(cid)
+        if not mine:
             return PASS
-        verdict = self._fire(points, method, cid, exec_id, Verdict)
-        after = points.get(f"{method}.after")
-        if after is not None:
-            verdict = verdict._replace(after=lambda: self._fire(points, f"{method}.after", cid, exec_id,
-                                                                Verdict))
+        verdict = self._fire(mine, method, cid, exec_id, Verdict)
+        if f"{method}.after" in mine:
+            verdict = verdict._replace(after=lambda: self._fire(mine, f"{method}.after", cid, exec_id, Verdict))
         return verdict
+
+    def _route_trace(self, cid: str, annotations: Mapping[str, str]) -> None:
+        """io.pyshim.trace, as pyshim reads it: this container's records to a file of the
+        trace directory (PYSHIM_TRACE_DIR), beside or instead of PYSHIM_TRACE."""
+        if self._trace is None:
+            return
+        value = annotations.get(points.TRACE_ANNOTATION)
+        if value is None:
+            self._trace.unroute(cid)
+            return
+        trace_dir = os.environ.get(points.TRACE_DIR_ENV) or points.DEFAULT_TRACE_DIR
+        path = points.trace_path(value, trace_dir)
+        try:
+            self._trace.route(cid, path)
+        except OSError as e:
+            raise points.ProbeConfigError(f"annotation {points.TRACE_ANNOTATION}: {path}: {e.strerror}") from None
 
     # -- events ------------------------------------------------------------------------
 
     def event(self, cid: str, topic: str) -> EventVerdict:
-        points = self._armed.get(cid)
-        if not points:
+        mine = self._armed.get(cid)
+        if not mine:
             return EVENT_PASS
-        return self._fire(points, "event." + topic.rsplit("/", 1)[-1], cid, None, EventVerdict)
+        return self._fire(mine, "event." + topic.rsplit("/", 1)[-1], cid, None, EventVerdict)
 
     # -- firing ------------------------------------------------------------------------
 
-    def _fire(self, points: dict[str, Failpoint], point: str, cid: str, exec_id: str | None, kind):
-        fp = points.get(point)
+    def _fire(self, armed: dict[str, Failpoint], point: str, cid: str, exec_id: str | None, kind):
+        fp = armed.get(point)
         term = fp.evaluate() if fp is not None else None
         if term is None:
             return kind()

@@ -27,8 +27,15 @@ class TracedContainerd(harness.TestContainerd):
     def trace_path(self):
         return self.workdir / "trace.jsonl"
 
+    @property
+    def trace_dir(self):
+        """Where io.pyshim.trace may write (owner-only, as the annotation's confinement wants)."""
+        path = self.workdir / "traces"
+        path.mkdir(mode=0o700, exist_ok=True)
+        return path
+
     def environ(self):
-        return {**super().environ(), "PYSHIM_TRACE": str(self.trace_path)}
+        return {**super().environ(), "PYSHIM_TRACE": str(self.trace_path), "PYSHIM_TRACE_DIR": str(self.trace_dir)}
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +218,21 @@ def test_a_target_killed_right_after_create_through_the_proxy(traced, tctr):
                    what="containerd ran the proxy's delete")
     finally:
         remove(traced, tctr, cid)
+
+
+def test_the_trace_annotation_routes_a_containers_records_to_a_file_of_its_own(traced, tctr):
+    cid = traced.new_id("proxy-own-trace")
+    result = tctr("run", "--rm", "--runtime", PROXY, "--annotation", "io.pyshim.trace=own.jsonl",
+                  traced.image, cid, "echo", "hi")
+    assert (result.rc, result.stdout) == (0, "hi\n"), result.stderr
+    own = traced.trace_dir / "own.jsonl"
+    wait_until(lambda: own.exists() and '"Shutdown"' in own.read_text(), what="the container's own trace")
+    mine = [json.loads(line) for line in own.read_text().splitlines()]
+    assert {r["id"] for r in mine if r["kind"] == "call"} == {cid}
+    assert [r["method"] for r in mine if r["kind"] == "call"][0] == "Create"
+    assert not records(traced, cid, "call"), "its calls went to the default trace too"
+    escaping = traced.new_id("proxy-bad-trace")
+    bad = tctr("run", "--rm", "--runtime", PROXY, "--annotation", "io.pyshim.trace=../escape",
+               traced.image, escaping, "echo", "hi")
+    assert bad.rc != 0 and "io.pyshim.trace" in bad.stderr, bad
+    remove(traced, tctr, escaping)
