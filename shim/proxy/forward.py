@@ -163,8 +163,15 @@ class Pair:
                     if isinstance(event, codec.FramingError):
                         log.warning("proxy: garbage from the target: %s", event.reason)
                         return
-                    if isinstance(event, codec.FrameTooLarge):
-                        continue  # containerd's client would fail the call the same way: it times out
+                    if isinstance(event, codec.FrameTooLarge):  # as containerd's client fails such a call
+                        error = codec.too_large_error(event.length)
+                        self._answer(event.stream_id, error)
+                        with self._lock:
+                            pending = self._pending.pop(event.stream_id, None)
+                        if pending is not None:
+                            self._record(event.stream_id, pending, None, int(error.code), error.message,
+                                         time.monotonic())
+                        continue
                     if event.type == codec.RESPONSE:
                         self._response(event)
                     else:
