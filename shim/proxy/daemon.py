@@ -19,7 +19,7 @@ import time
 
 from shim.binary import log as shimlog
 from shim.binary.address import is_live
-from shim.proxy import PROXY_RUNTIME, record
+from shim.proxy import PROXY_BINARY, PROXY_RUNTIME, record
 from shim.proxy.events import EventsRelay
 from shim.proxy.forward import Forwarder
 from shim.proxy.perturb import Perturbations
@@ -47,6 +47,9 @@ def run(listener, events_listener, state: State,
         if fd is not None:
             os.close(fd)
         shimlog.setup(debug, runtime=PROXY_RUNTIME, namespace=namespace, id=cid)
+        # In `ps`, not the `start` it was forked from (the same helper the zygote's daemons use).
+        from shim.binary.zygote import _set_command_line
+        _set_command_line([PROXY_BINARY, "-namespace", namespace, "-id", cid, "proxy"])
         # address.listen makes raw _socket sockets (cheap for `start`); the daemon wants the full kind
         serve(socket.socket(fileno=listener.detach()),
               socket.socket(fileno=events_listener.detach()) if events_listener is not None else None,
