@@ -17,8 +17,9 @@ is always the proxy's. What the types mean here, the target being "the shim":
     delay(ms)   the call (and the calls behind it on that connection), its response, or the
                 event is held ms milliseconds
     panic(msg)  the target is SIGKILLed at once; the call gets no answer
-    kill[(ms)]  the target is SIGKILLed (after ms), the call or event going on meanwhile;
-                `Create.after=1*kill` kills it right after Create's reply went out
+    kill[(ms)]  the target is SIGKILLed, the call or event going on: at once, before it is
+                passed on (`Create.after=1*kill`: the target has replied to Create and is dead
+                when containerd reads the reply), or ms milliseconds later
     hang        no answer, ever (the caller's deadline ends it)
     drop, dup   (events) the event is answered OK but never forwarded / forwarded twice
 """
@@ -201,13 +202,14 @@ class Perturbations:
             self.kill_target(listener_pids(self._target_path))
             return kind(hang=True)
         if term.type == "kill":
-            # Found now, before the reply goes out: scanning /proc takes a while, and the
-            # next call must not slip through to the target meanwhile.
             pids = listener_pids(self._target_path)
             delay = int(term.arg or 0) / 1000
             if delay:
                 return kind(then=lambda: threading.Timer(delay, self.kill_target, (pids,)).start())
-            return kind(then=lambda: self.kill_target(pids))
+            # At once, before the call (or the reply, at `.after`) is passed on: once
+            # containerd has the reply, its next call must not find the target still alive.
+            self.kill_target(pids)
+            return kind()
         if term.type == "drop":
             return kind(drop=True)
         if term.type == "dup":
