@@ -8,7 +8,7 @@ and stdio copies spans from their start record to their end record.
 
 from __future__ import annotations
 
-from shim.tools.tracefile import Record, call_label
+from shim.tools.tracefile import Record, call_label, runc_verb
 
 
 def export(records: list[Record]) -> dict:
@@ -40,7 +40,7 @@ def export(records: list[Record]) -> dict:
                                     "stream": r.get("stream"), "service": r["service"],
                                     "request": r.get("request"), "response": r.get("response")}})
         elif kind == "runc":
-            verb = next((a for a in r["argv"][1:] if not a.startswith("-") and "/" not in a), "runc")
+            verb = runc_verb(r["argv"])
             events.append({**base, "ph": "X", "cat": "runc", "name": f"runc {verb}", "tid": tid(pid, f"{cid} runc"),
                            "dur": us(r["duration"]),
                            "args": {"argv": r["argv"], "exit_status": r["exit_status"], "error": r.get("error")}})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from xml.sax.saxutils import escape
 
-from shim.tools.tracefile import Record, call_label, sources
+from shim.tools.tracefile import Record, call_label, runc_verb, sources
 
 WIDTH = 1100
 LEFT = 150  # lane labels
@@ -33,7 +33,7 @@ def _bars(records: list[Record]) -> list[tuple[float, float, str, str, str]]:
             tip = f"{call_label(r)} {r.get('code_name') or r['code']} {r['duration'] * 1000:.2f} ms"
             bars.append((r["ts"], r["ts"] + r["duration"], call_label(r), colour, tip))
         elif kind == "runc":
-            verb = next((a for a in r["argv"][1:] if not a.startswith("-") and "/" not in a), "runc")
+            verb = runc_verb(r["argv"])
             tip = f"runc {' '.join(r['argv'][1:])} exit {r['exit_status']} {r['duration'] * 1000:.2f} ms"
             bars.append((r["ts"], r["ts"] + r["duration"], verb,
                          COLOURS["error"] if r["exit_status"] else COLOURS["runc"], tip))

@@ -116,3 +116,12 @@ def sources(records: list[Record]) -> list[str]:
 def call_label(r: Record) -> str:
     """`Start`, or `Start(exec1)` for a call about an exec."""
     return f"{r['method']}({r['exec_id']})" if r.get("exec_id") else r["method"]
+
+
+RUNC_VERBS = frozenset({"create", "start", "run", "exec", "kill", "delete", "pause", "resume", "update",
+                        "ps", "state", "events", "checkpoint", "restore", "list", "features"})
+
+
+def runc_verb(argv: list) -> str:
+    """`create` of `runc --root … --log-format json create --bundle … id` (flag values are no verb)."""
+    return next((a for a in argv[1:] if a in RUNC_VERBS), "runc")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections import defaultdict
 
-from shim.tools.tracefile import Record, call_label, calls, containers, sources
+from shim.tools.tracefile import Record, call_label, calls, containers, runc_verb, sources
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -74,7 +74,7 @@ def summary(records: list[Record], name: str) -> str:
             lines.append(f"  {r['src']:<6} {r.get('id') or '-'} {call_label(r)}: "
                          f"{r.get('code_name') or r['code']} {r.get('message') or ''}".rstrip())
         for r in runc_failed:
-            lines.append(f"  {r['src']:<6} {r.get('id') or '-'} runc {' '.join(r['argv'][-2:])}: "
+            lines.append(f"  {r['src']:<6} {r.get('id') or '-'} runc {runc_verb(r['argv'])}: "
                          f"exit {r['exit_status']} {r.get('error') or ''}".rstrip())
         for r in events_failed:
             lines.append(f"  {r['src']:<6} {r.get('id') or '-'} event {r['topic']}: not delivered "

@@ -94,6 +94,8 @@ def test_timeline_across_proxy_pyshim_runc_and_events(capsys, tmp_path):
     assert lanes[:5] == ["calls (proxy)", "calls (pyshim)", "runc", "events (proxy)", "events (pyshim)"]
     titles = [t.text for t in root.iter("{http://www.w3.org/2000/svg}title")]
     assert any(t.startswith("runc ") and " create " in f" {t} " for t in titles), titles
+    bars = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text") if t.get("class") in ("bar", "out")]
+    assert {"create", "start", "delete"} <= set(bars), bars  # runc's verbs, not its flags' values
 
 
 def test_summary_of_two_writers_keeps_them_apart(capsys):
