@@ -1,11 +1,12 @@
 """The tracing proxy (`io.containerd.pyshimproxy.v1`) in front of containerd's own shim.
 
 A containerd of this module's own runs with PYSHIM_TRACE in its environment (the proxy's
-trace switch), and the proxy's target is `io.containerd.runc.v2` (its default). Every test is
+trace switch), and PYSHIM_PROXY_TARGET naming containerd's own runc-v2 by its path. Every test is
 leak-checked afterwards, including the proxy's own processes and sockets.
 """
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -34,8 +35,14 @@ class TracedContainerd(harness.TestContainerd):
         path.mkdir(mode=0o700, exist_ok=True)
         return path
 
+    @property
+    def runc_shim(self):
+        """containerd's own runc-v2 (the one it would run), named to the proxy by path."""
+        return shutil.which("containerd-shim-runc-v2", path=super().environ()["PATH"])
+
     def environ(self):
-        return {**super().environ(), "PYSHIM_TRACE": str(self.trace_path), "PYSHIM_TRACE_DIR": str(self.trace_dir)}
+        return {**super().environ(), "PYSHIM_TRACE": str(self.trace_path), "PYSHIM_TRACE_DIR": str(self.trace_dir),
+                "PYSHIM_PROXY_TARGET": self.runc_shim}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +83,8 @@ def test_ctr_run_through_the_proxy_in_front_of_runc_v2(traced, tctr):
                what=f"four events are traced (so far {[r['topic'] for r in records(traced, cid, 'event')]})")
     topics = [r["topic"] for r in records(traced, cid, "event")]
     assert topics[:4] == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"], topics
+    [started] = [r for r in records(traced, cid, "phase") if r["name"] == "target-start"]
+    assert started["detail"]["binary"] == traced.runc_shim and started["detail"]["exit_status"] == 0
     create = next(r for r in records(traced, cid, "call") if r["method"] == "Create")
     assert create["code"] == 0 and create["response"]["pid"] > 0 and create["duration"] > 0
 
