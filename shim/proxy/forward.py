@@ -68,6 +68,7 @@ class Pair:
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._closed = False
+        self._running = 2  # threads; the pair is forgotten once both are done (records written)
 
     def start(self) -> None:
         threading.Thread(target=self._requests, name="proxy-down", daemon=True).start()
@@ -88,7 +89,16 @@ class Pair:
         now = time.monotonic()
         for sid, p in sorted(pending.items()):  # e.g. the Wait of a target that died
             self._record(sid, p, None, int(Code.UNAVAILABLE), "connection closed before the response", now)
-        self._on_close(self)
+
+    def _thread_done(self) -> None:
+        """Each thread's last act: the pair is gone once both have closed it and written their
+        records (the daemon exits when its pairs are gone)."""
+        self.close()
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        if last:
+            self._on_close(self)
 
     # -- containerd -> target ------------------------------------------------------------
 
@@ -110,7 +120,7 @@ class Pair:
         except OSError:
             pass
         finally:
-            self.close()
+            self._thread_done()
 
     def _request(self, frame: codec.Frame) -> None:
         ts = time.monotonic()
@@ -180,7 +190,7 @@ class Pair:
         except OSError:
             pass
         finally:
-            self.close()
+            self._thread_done()
 
     def _response(self, frame: codec.Frame) -> None:
         end = time.monotonic()
