@@ -27,7 +27,7 @@ from e2e import harness  # noqa: E402
 from private_containerd import daemon_version  # noqa: E402
 
 from shim.tools import timeline, tracestats  # noqa: E402
-from shim.tools.tracefile import calls, containers, load  # noqa: E402
+from shim.tools.tracefile import calls, load  # noqa: E402
 
 PROXY = "io.containerd.pyshimproxy.v1"
 DEFAULT_B = REPO / ".work" / "containerd-2.1" / "usr" / "bin" / "containerd"
@@ -144,7 +144,7 @@ def shims(out: Path, containerd: str = "containerd", runs: int = 3) -> dict:
     finally:
         cd.shutdown()
     records = load(str(trace))
-    pairs = list(zip(ids["runc"], ids["pyshim"]))
+    pairs = list(zip(ids["runc"], ids["pyshim"], strict=True))
     text, differ = tracestats.diff(records, records, "runc-v2 (through the proxy)", "pyshim (through the proxy)",
                                    pairs, "proxy", "proxy")
     write(out, "shims.txt", text)

@@ -15,6 +15,8 @@ import subprocess
 import sys
 import time
 
+from google.protobuf.message import Message
+
 from shim.binary.address import is_live
 from shim.proxy import record, target
 from shim.proxy.target import State
@@ -38,8 +40,7 @@ def delete(argv: list[str], flags: dict[str, str | bool], namespace: str, cid: s
             stopped = stop_in_target(target_path, namespace, cid)
             if trace is not None:
                 record.phase(trace, "stop-orphaned-target", cid, {"steps": stopped})
-    result = subprocess.run([binary, *argv], cwd=bundle, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    result = subprocess.run([binary, *argv], cwd=bundle, stdin=subprocess.DEVNULL, capture_output=True)
     if state is not None:
         _remove_stale(state)
     if trace is not None:
@@ -65,7 +66,8 @@ def stop_in_target(target_path: str, namespace: str, cid: str) -> list[str]:
     with client:
         service = TASK_SERVICES[0]
 
-        def call(method: str, req, resp_type, timeout: float = STOP_TIMEOUT):
+        def call(method: str, req: Message, resp_type: type[Message],
+                 timeout: float = STOP_TIMEOUT) -> None:
             nonlocal service
             for attempt in (0, 1):
                 try:

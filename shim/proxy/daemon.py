@@ -10,6 +10,7 @@ forwarding, and containerd reconnects to the address in the bundle, which is the
 
 from __future__ import annotations
 
+import _socket
 import logging
 import os
 import signal
@@ -32,7 +33,7 @@ PAIRS_GRACE = 2.0  # for the target's last answers (Shutdown's) to reach contain
 EVENTS_GRACE = 5.0  # for Forward calls in flight when the target is gone (containerd may be slow)
 
 
-def run(listener, events_listener, state: State,
+def run(listener: _socket.socket, events_listener: _socket.socket | None, state: State,
         containerd_ttrpc: str, namespace: str, cid: str, debug: bool) -> None:
     """The daemon's whole life, in a freshly forked process; never returns."""
     code = 1
@@ -71,7 +72,8 @@ def serve(listener: socket.socket, events_listener: socket.socket | None, state:
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    relay = relay_thread = None
+    relay: EventsRelay | None = None
+    relay_thread: threading.Thread | None = None
     if events_listener is not None:
         relay = EventsRelay(containerd_ttrpc, trace, perturb.event)
         relay_thread = threading.Thread(target=relay.server.serve, args=(events_listener,),
@@ -108,7 +110,7 @@ def serve(listener: socket.socket, events_listener: socket.socket | None, state:
         pass
     listener.close()
     forwarder.close_all(grace=PAIRS_GRACE)
-    if relay is not None:
+    if relay is not None and relay_thread is not None:
         # An event the target sent just before it left is still on its way to containerd.
         relay.server.shutdown()
         relay_thread.join(EVENTS_GRACE + 1)

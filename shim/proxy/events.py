@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
 
 from shim.api.envelope_pb2 import ForwardRequest
 from shim.proxy import record
@@ -59,7 +60,8 @@ class EventsRelay:
         self._seen: OrderedDict[tuple, int] = OrderedDict()
         self._seen_lock = threading.Lock()
         self.server = Server()
-        self.server.register(record.EVENTS_SERVICE, {"Forward": (ForwardRequest, self.forward)})
+        self.server.register(record.EVENTS_SERVICE,
+                             {"Forward": (ForwardRequest, self.forward)})  # type: ignore[dict-item]
 
     def forward(self, req: ForwardRequest, ctx: Context) -> Empty:
         ts = time.monotonic()
@@ -94,7 +96,7 @@ class EventsRelay:
             error = e
         finally:
             if self._trace is not None:
-                extra = {"dropped": True} if verdict.drop else {}
+                extra: dict[str, object] = {"dropped": True} if verdict.drop else {}
                 if verdict.copies > 1:
                     extra["copies"] = verdict.copies
                 if error is not None:
@@ -136,12 +138,12 @@ class EventsRelay:
                 self._client = None
 
 
-def _unpack(type_url: str, value: bytes):
+def _unpack(type_url: str, value: bytes) -> Message | None:
     """The event payload, by its bare type URL (`containerd.events.TaskExit`)."""
     from google.protobuf import message_factory, symbol_database
     name = type_url.rsplit("/", 1)[-1]
     try:
-        descriptor = symbol_database.Default().pool.FindMessageTypeByName(name)
+        descriptor = symbol_database.Default().pool.FindMessageTypeByName(name)  # type: ignore[attr-defined]
     except KeyError:
         return None
     return record.decode(message_factory.GetMessageClass(descriptor), value)

@@ -31,6 +31,7 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
+from typing import Any
 
 from shim.probe import points
 from shim.probe.failpoints import CONTAINERD_TYPES, Failpoint, FailpointError, Term, parse
@@ -181,7 +182,9 @@ class Perturbations:
 
     # -- firing ------------------------------------------------------------------------
 
-    def _fire(self, armed: dict[str, Failpoint], point: str, cid: str, exec_id: str | None, kind):
+    # `kind` is Verdict or EventVerdict: the same firing, a verdict of the caller's kind.
+    def _fire(self, armed: dict[str, Failpoint], point: str, cid: str, exec_id: str | None,
+              kind: Any) -> Any:
         fp = armed.get(point)
         term = fp.evaluate() if fp is not None else None
         if term is None:
@@ -191,7 +194,7 @@ class Perturbations:
             record.failpoint(self._trace, point, term.type, term.arg, cid, exec_id)
         return self._verdict(term, kind)
 
-    def _verdict(self, term: Term, kind):
+    def _verdict(self, term: Term, kind: Any) -> Any:
         if term.type == "error":
             return kind(error=TTRPCError(Code.UNKNOWN, str(term.arg)))
         if term.type == "delay":

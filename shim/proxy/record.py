@@ -83,7 +83,7 @@ def ids_of(msg: Message | None) -> tuple[str, str | None]:
         return "", None
     fields = msg.DESCRIPTOR.fields_by_name
     return (getattr(msg, "id", "") if "id" in fields else "",
-            getattr(msg, "exec_id") if "exec_id" in fields else None)
+            msg.exec_id if "exec_id" in fields else None)
 
 
 def _ids(cid: str, exec_id: str | None) -> dict:

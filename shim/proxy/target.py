@@ -71,7 +71,8 @@ def resolve(runtime: str, containerd_binary: str = "", path: str | None = None) 
             if os.path.basename(binary) == PROXY_BINARY:
                 raise TargetError(f"target {runtime!r} is the proxy itself ({PROXY_RUNTIME})")
             return Target(runtime, binary)
-    raise TargetError(f"target shim {runtime!r} not found (looked for {candidates[0] if runtime.startswith('/') else binary_name(runtime)} "
+    wanted = candidates[0] if runtime.startswith('/') else binary_name(runtime)
+    raise TargetError(f"target shim {runtime!r} not found (looked for {wanted} "
                       f"on PATH and beside {containerd_binary or 'containerd'})")
 
 

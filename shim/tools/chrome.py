@@ -58,12 +58,15 @@ def export(records: list[Record]) -> dict:
                                "name": f"copy {r['stream']}", "tid": tid(pid, f"{cid} stdio"),
                                "dur": us(r["ts"] - began["ts"]), "args": {"bytes": r.get("bytes")}})
         else:
-            name = {"exit": lambda: f"exit {r['proc_pid']} status {r['status']}",
-                    "phase": lambda: r["name"],
-                    "failpoint": lambda: f"failpoint {r['point']} {r['action']}"}[kind]()
+            if kind == "exit":
+                name = f"exit {r['proc_pid']} status {r['status']}"
+            elif kind == "phase":
+                name = r["name"]
+            else:
+                name = f"failpoint {r['point']} {r['action']}"
             events.append({**base, "ph": "i", "s": "t", "cat": kind, "name": name, "tid": tid(pid, cid),
                            "args": {k: v for k, v in r.items() if k not in ("ts", "wall", "pid", "src", "kind")}})
-    for (pid, cid, exec_id, stream), began in stdio_open.items():  # copies still going when the trace ended
+    for (pid, cid, _, stream), began in stdio_open.items():  # copies still going when the trace ended
         events.append({"pid": pid, "ts": us(began["ts"] - t0), "ph": "i", "s": "t", "cat": "stdio",
                        "name": f"copy {stream} (no end)", "tid": tid(pid, f"{cid} stdio")})
     meta = [{"ph": "M", "name": "process_name", "pid": pid, "tid": 0, "args": {"name": name}}

@@ -115,14 +115,18 @@ def render(records: list[Record], cid: str, title: str = "") -> str:
     if marks:
         body.append(f'<rect x="0" y="{y - 3}" width="{WIDTH}" height="{ROW * 2 + 6}" fill="#f4f4f4"/>')
         body.append(f'<text x="8" y="{y + 13}" class="lane">exits, failpoints</text>')
-        for i, r in enumerate(marks):
+        for r in marks:
             mx = x(r["ts"])
-            label = {"exit": lambda: f"exit {r['status']}", "failpoint": lambda: f"{r['point']}: {r['action']}",
-                     "phase": lambda: r["name"]}[r["kind"]]()
-            row = 0 if r["kind"] != "phase" else 1
+            if r["kind"] == "exit":
+                label = f"exit {r['status']}"
+            elif r["kind"] == "failpoint":
+                label = f"{r['point']}: {r['action']}"
+            else:
+                label = r["name"]
+            lane = 0 if r["kind"] != "phase" else 1
             body.append(f'<g><title>{escape(label)}</title><line x1="{mx:.1f}" x2="{mx:.1f}" y1="{TOP - 6}" '
                         f'y2="{y + ROW * 2}" stroke="{COLOURS[r["kind"]]}" stroke-dasharray="3,3"/>'
-                        f'<text x="{mx + 3:.1f}" y="{y + row * ROW + 13}" class="mark" '
+                        f'<text x="{mx + 3:.1f}" y="{y + lane * ROW + 13}" class="mark" '
                         f'fill="{COLOURS[r["kind"]]}">{escape(label)}</text></g>')
         y += ROW * 2 + LANE_GAP
     axis = [f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y + 4}" y2="{y + 4}" stroke="#333"/>']
@@ -133,7 +137,8 @@ def render(records: list[Record], cid: str, title: str = "") -> str:
         axis.append(f'<line x1="{tx:.1f}" x2="{tx:.1f}" y1="{y}" y2="{y + 8}" stroke="#333"/>'
                     f'<text x="{tx:.1f}" y="{y + 22}" class="tick">{tick:g}</text>')
         tick += step
-    axis.append(f'<text x="{WIDTH - RIGHT}" y="{y + 38}" class="tick" text-anchor="end">ms since the first record</text>')
+    axis.append(f'<text x="{WIDTH - RIGHT}" y="{y + 38}" class="tick" text-anchor="end">'
+                'ms since the first record</text>')
     height = y + 48
     heading = escape(title or f"container {cid}: {span * 1000:.1f} ms")
     return "\n".join([

@@ -78,7 +78,8 @@ def _keys(rec: Record, wanted: dict[str, Any], where: str, kind: str = "") -> No
         if key not in rec:
             raise TraceError(f"{where}: {kind + ' ' if kind else ''}record without key {key!r}")
         value = rec[key]
-        if isinstance(value, bool) and types is not bool and bool not in (types if isinstance(types, tuple) else (types,)):
+        allowed = types if isinstance(types, tuple) else (types,)
+        if isinstance(value, bool) and bool not in allowed:
             raise TraceError(f"{where}: key {key!r} must be {_name(types)}, not a boolean")
         if not isinstance(value, types):
             raise TraceError(f"{where}: key {key!r} must be {_name(types)}, not {type(value).__name__}")

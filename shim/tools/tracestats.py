@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import difflib
 from collections import defaultdict
 
@@ -46,7 +48,7 @@ def summary(records: list[Record], name: str) -> str:
     lines = []
     span = max(r["ts"] for r in records) - min(r["ts"] for r in records)
     ids = containers(records)
-    kinds = defaultdict(int)
+    kinds: defaultdict[str, int] = defaultdict(int)
     for r in records:
         kinds[r["kind"]] += 1
     lines.append(f"{name}: {len(records)} records ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))}), "
@@ -57,7 +59,8 @@ def summary(records: list[Record], name: str) -> str:
             continue
         lines.append("")
         lines.append(f"calls seen by {src}:")
-        lines.append(f"  {'method':<12} {'count':>5} {'errors':>6} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9} {'max ms':>9}")
+        lines.append(f"  {'method':<12} {'count':>5} {'errors':>6} {'p50 ms':>9} {'p90 ms':>9} "
+                     f"{'p99 ms':>9} {'max ms':>9}")
         for method, rs in sorted(methods.items(), key=lambda kv: (-len(kv[1]), kv[0])):
             d = [r["duration"] for r in rs]
             errors = sum(1 for r in rs if r["code"] != 0)
@@ -109,18 +112,18 @@ def pair_containers(a: list[Record], b: list[Record], pairs: list[tuple[str, str
     common = [cid for cid in ids_a if cid in ids_b]
     if common:
         return [(cid, cid) for cid in common]
-    return list(zip(ids_a, ids_b))
+    return list(zip(ids_a, ids_b, strict=False))  # as many pairs as the shorter has
 
 
 def _side_by_side(left: list[str], right: list[str], width: int) -> list[str]:
     lines = []
     for op, i1, i2, j1, j2 in difflib.SequenceMatcher(a=left, b=right, autojunk=False).get_opcodes():
         if op == "equal":
-            lines += [f"    {x:<{width}}   {y}" for x, y in zip(left[i1:i2], right[j1:j2])]
+            lines += [f"    {x:<{width}}   {y}" for x, y in zip(left[i1:i2], right[j1:j2], strict=True)]
             continue
-        l, r = left[i1:i2], right[j1:j2]
-        for k in range(max(len(l), len(r))):
-            x = l[k] if k < len(l) else ""
+        lhs, r = left[i1:i2], right[j1:j2]
+        for k in range(max(len(lhs), len(r))):
+            x = lhs[k] if k < len(lhs) else ""
             y = r[k] if k < len(r) else ""
             mark = {"replace": "|", "delete": "<", "insert": ">"}[op]
             lines.append(f"  {mark} {x:<{width}}   {y}")
@@ -128,7 +131,7 @@ def _side_by_side(left: list[str], right: list[str], width: int) -> list[str]:
 
 
 def diff(a: list[Record], b: list[Record], name_a: str, name_b: str,
-         pairs: list[tuple[str, str]] = (), src_a: str | None = None, src_b: str | None = None) -> tuple[str, bool]:
+         pairs: Sequence[tuple[str, str]] = (), src_a: str | None = None, src_b: str | None = None) -> tuple[str, bool]:
     """The text of the comparison, and whether the call sequences differ."""
     src_a = src_a or _main_source(a)
     src_b = src_b or _main_source(b)

@@ -355,7 +355,7 @@ def test_output_fifo_whose_reader_went_away(containerd, ctr):
             procs[cid] = containerd.ctr_popen("run", "--fifo-dir", fifo_dir(containerd), "--runtime",
                                               containerd.runtime, containerd.image, cid,
                                               "sh", "-c", f"echo started; sleep 2; {more}; exit 7")
-        for cid, proc in procs.items():
+        for proc in procs.values():
             assert proc.stdout.readline() == b"started\n"
             proc.kill()
             proc.wait()

@@ -78,7 +78,8 @@ def test_a_bundle_that_is_a_symlink_is_refused(place):
 @pytest.mark.parametrize("target", ["..", "../../etc", "a/../../b", "/x/../..", "a\0b"])
 def test_mount_targets_with_dotdot_are_refused(place, target):
     tmp_path, parent = place
-    req = create(tmp_path, parent, rootfs=[Mount(type="bind", source="/"), Mount(type="bind", source="/", target=target)])
+    req = create(tmp_path, parent,
+                 rootfs=[Mount(type="bind", source="/"), Mount(type="bind", source="/", target=target)])
     assert refused(confine.check_create, req, parent).startswith("rootfs[1].target ")
 
 

@@ -23,7 +23,8 @@ def test_targets_are_found_like_containerd_finds_shims(tmp_path):
     shim.write_text("#!/bin/sh\n")
     shim.chmod(0o755)
     assert target.resolve("io.containerd.x.v1", path=str(tmp_path)).binary == str(shim)
-    assert target.resolve("io.containerd.x.v1", containerd_binary=str(tmp_path / "containerd"), path="").binary == str(shim)
+    resolved = target.resolve("io.containerd.x.v1", containerd_binary=str(tmp_path / "containerd"), path="")
+    assert resolved.binary == str(shim)
     assert target.resolve(str(shim)).binary == str(shim)
     with pytest.raises(TargetError, match="not found"):
         target.resolve("io.containerd.y.v1", path=str(tmp_path))

@@ -61,7 +61,8 @@ def test_a_call_passes_both_ways_and_is_traced(tmp_path):
     [response] = frames(rig.containerd, 1)
     assert pb.StateResponse.FromString(codec.decode_response(response.data).payload).pid == 42
     [rec] = rig.records()
-    assert (rec["kind"], rec["method"], rec["id"], rec["exec_id"], rec["code_name"]) == ("call", "State", "c1", "e1", "OK")
+    assert (rec["kind"], rec["method"], rec["id"], rec["exec_id"], rec["code_name"]) == \
+        ("call", "State", "c1", "e1", "OK")
     assert rec["request"] == {"id": "c1", "execId": "e1"} and rec["response"]["pid"] == 42 and rec["stream"] == 1
 
 

@@ -119,8 +119,10 @@ def test_timeline_of_an_unknown_container_is_an_error(capsys, tmp_path):
     ('[1, 2]\n', ":1: a record must be a JSON object"),
     ('{"ts": 1, "wall": 2, "pid": 3, "src": "proxy", "kind": "nap", "id": null}\n', ":1: unknown kind 'nap'"),
     ('{"ts": 1, "wall": 2, "pid": 3, "src": "proxy", "kind": "phase", "id": null, "name": "x"}\n'
-     '{"ts": 1, "wall": 2, "pid": 3, "src": "proxy", "kind": "call", "id": "c"}\n', ":2: call record without key 'service'"),
-    ('{"wall": 2, "pid": 3, "src": "proxy", "kind": "phase", "id": null, "name": "x"}\n', ":1: record without key 'ts'"),
+     '{"ts": 1, "wall": 2, "pid": 3, "src": "proxy", "kind": "call", "id": "c"}\n',
+     ":2: call record without key 'service'"),
+    ('{"wall": 2, "pid": 3, "src": "proxy", "kind": "phase", "id": null, "name": "x"}\n',
+     ":1: record without key 'ts'"),
     ('{"ts": "1", "wall": 2, "pid": 3, "src": "proxy", "kind": "phase", "id": null, "name": "x"}\n',
      ":1: key 'ts' must be a number"),
     ('{"ts": 1, "wall": 2, "pid": 3, "src": "proxy", "kind": "phase", "name": "x"}\n', ":1: missing key 'id'"),
