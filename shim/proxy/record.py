@@ -82,8 +82,9 @@ def ids_of(msg: Message | None) -> tuple[str, str | None]:
     if msg is None:
         return "", None
     fields = msg.DESCRIPTOR.fields_by_name
-    return (getattr(msg, "id", "") if "id" in fields else "",
-            msg.exec_id if "exec_id" in fields else None)
+    cid: str = getattr(msg, "id") if "id" in fields else ""  # noqa: B009 (any Task request type)
+    exec_id: str | None = getattr(msg, "exec_id") if "exec_id" in fields else None  # noqa: B009
+    return cid, exec_id
 
 
 def _ids(cid: str, exec_id: str | None) -> dict:
