@@ -104,8 +104,11 @@ class PrivateContainerd:
     """A containerd with its own socket, root, state and log under `workdir`."""
 
     def __init__(self, workdir, *, containerd="containerd", ctr="ctr", path_prefix=(), namespace="default",
-                 log_level="info", grace=2.0, cri_config=None, restartable=False):
+                 log_level="info", grace=2.0, cri_config=None, restartable=False, new_session=False):
         self.workdir = Path(workdir)
+        # new_session: the subreaper (and so containerd) in a session of its own, so that a Ctrl-C
+        # meant for the caller does not stop containerd before the caller has cleaned up
+        self.new_session = new_session
         # restartable: kill_containerd() and restart() may stop and start containerd while its shims
         # run on (they stay children of the same subreaper, see subreaper.py --restartable)
         self.restartable = restartable
@@ -184,7 +187,8 @@ class PrivateContainerd:
                 [sys.executable, str(SCRIPTS / "subreaper.py"), "--grace", str(self.grace),
                  *(["--restartable"] if self.restartable else []), "--",
                  self.containerd_bin, "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.environ())
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=self.environ(),
+                start_new_session=self.new_session)
         self._wait_until_answering(timeout)
         return self
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the demo and the tests need, and only what is missing:
-#   - Debian packages: containerd (with ctr), runc, crun, busybox-static, procps, iproute2 (ss),
+#   - Debian packages: containerd (with ctr), runc, criu, crun, busybox-static, procps, iproute2 (ss),
 #     python3-venv;
 #   - the virtual environment .venv with pyshim installed editable, with its test and dev extras
 #     (re-installed when pyproject.toml changes).
@@ -17,7 +17,7 @@ quietly() {  # run a command; show its output only if it fails
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 
 missing=()
-for pkg in containerd runc crun busybox-static procps iproute2; do
+for pkg in containerd runc criu crun busybox-static procps iproute2; do
   installed "$pkg" || missing+=("$pkg")
 done
 # The shim runs on Debian's own python3 unless PYSHIM_PYTHON names another: a PGO/LTO build
@@ -50,6 +50,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || [ ! -e .venv/bin/containerd-s
   quietly .venv/bin/python -m pip install --disable-pip-version-check -e '.[test,dev]'
   echo "$want" >"$stamp"
 fi
-# The shim's own launcher (isolated interpreter, no site import) and compiled bytecode:
+# The shim's fast launcher (shim/binary/launcher.py: isolated interpreter, no site import)
+# and compiled bytecode, as an installed shim writes it on its first run:
 # containerd starts the shim binary twice per container.
 quietly .venv/bin/python scripts/install_shim.py

@@ -92,8 +92,9 @@ def reap(main_pid):
             main_status = status
 
 
-def descendants(root):
-    """(pid, args) of every live descendant of root, parents before their children."""
+def descendants(root, zombies=False):
+    """(pid, args) of every live descendant of root (with `zombies`, the unreaped dead too),
+    parents before their children."""
     children = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -107,7 +108,7 @@ def descendants(root):
             continue
         comm_end = stat.rindex(b")")
         state, ppid = stat[comm_end + 2:].split()[:2]
-        if state != b"Z":
+        if zombies or state != b"Z":
             comm = stat[stat.index(b"(") + 1:comm_end].decode(errors="replace")
             children.setdefault(int(ppid), []).append((int(entry), args or comm))
     found, todo = [], [root]

@@ -21,7 +21,7 @@ from e2e import harness
 
 def pytest_report_header(config):
     s = harness.settings()
-    return f"e2e: runtime {s['runtime']}, containerd {s['containerd']}, ctr {s['ctr']}"
+    return f"e2e: runtime {s['runtime']}, containerd {s['containerd']}, ctr {s['ctr']}, shim from {s['shim_dir']}"
 
 
 @pytest.fixture(scope="session")

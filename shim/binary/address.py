@@ -17,7 +17,7 @@ import os
 import _socket
 
 try:
-    from _sha256 import sha256
+    from _sha256 import sha256  # type: ignore[import-not-found]
 except ImportError:  # Python 3.12+: _sha2
     from hashlib import sha256
 
@@ -35,7 +35,7 @@ def group_id(bundle: str, cid: str) -> str:
     if not any(key.encode() in data for key in GROUP_ANNOTATIONS):
         return cid  # the common case, without parsing the whole spec
     try:
-        annotations = parse_json(data).get("annotations") or {}
+        annotations = parse_json(data).get("annotations") or {}  # type: ignore[attr-defined]
     except (ValueError, AttributeError):
         return cid
     for key in GROUP_ANNOTATIONS:
@@ -63,7 +63,7 @@ def parse_json(data: bytes) -> object:
 
     start = len(text) - len(text.lstrip())
     try:
-        value, end = make_scanner(Options())(text, start)
+        value, end = make_scanner(Options())(text, start)  # type: ignore[arg-type]
     except StopIteration as e:
         raise ValueError(f"invalid JSON at offset {e.value}") from None
     if text[end:].strip():

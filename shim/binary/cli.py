@@ -80,12 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         return start(flags, namespace, cid)
     if action == "delete":
         from shim.binary.cleanup import delete
-        return delete(namespace, cid, str(flags.get("bundle") or os.getcwd()),
+        phase("delete.begin", cid)
+        code = delete(namespace, cid, str(flags.get("bundle") or os.getcwd()),
                       bool(flags.get("debug")))
-    if action == "zygote":  # started by `start` itself, never by containerd
-        from shim.binary import zygote
-        zygote.serve(str(flags.get("address", "")))
-        return 0
+        phase("delete.end", cid, code)
+        return code
     print(f"unknown action {action!r}: expected start or delete", file=sys.stderr)
     return 2
 
@@ -99,6 +98,7 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     """
     from shim.binary import address
 
+    phase("start.begin", cid)
     bundle = os.getcwd()
     stdin = _read_stdin()
     socket_dir = ""
@@ -111,20 +111,42 @@ def start(flags: dict[str, str | bool], namespace: str, cid: str) -> int:
     addr = "unix://" + path
     listener = address.listen(path)
     address.write_address_file(bundle, addr)
+    phase("start.address", cid, addr)
     if listener is None:  # a shim of this group is running: containerd joins it
+        phase("start.end", cid, "joined")
         _print(addr)
         return 0
     from shim.binary import zygote
     debug, containerd_pid = bool(flags.get("debug")), os.getppid()
     request = (bundle, dict(os.environ), debug, namespace, cid, stdin, containerd_pid)
-    if not zygote.handoff(containerd_address, listener, request):
+    if zygote.handoff(containerd_address, listener, request):
+        phase("start.end", cid, "zygote")
+    else:
         if os.fork() == 0:
             from shim.binary import daemon
             daemon.run(listener.fileno(), debug, namespace, cid, bundle, stdin, containerd_pid)
+        phase("start.end", cid, "forked")
         zygote.spawn(containerd_address)  # for the next start
     listener.close()
     _print(addr)
     return 0
+
+
+def phase(name: str, cid: str, detail: object = None) -> None:
+    """Trace a phase of `start` or `delete` when PYSHIM_TRACE (shim.probe.points.TRACE_ENV,
+    not imported: these actions stay lean) names a trace file; nothing otherwise."""
+    path = os.environ.get("PYSHIM_TRACE")
+    if not path:
+        return
+    from shim.probe import trace
+    try:
+        tracer = trace.TRACER or trace.enable(path)
+    except OSError:
+        return  # the daemon logs why it cannot trace; start must not fail for it
+    if detail is None:
+        tracer.record("phase", cid, name=name)
+    else:
+        tracer.record("phase", cid, name=name, detail=detail)
 
 
 def _read_stdin() -> bytes:
@@ -149,7 +171,28 @@ def run() -> None:
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
+    if not sys.flags.no_site:  # run through an installer's console script, not the launcher
+        _upgrade_launcher()
     os._exit(code)
+
+
+def _upgrade_launcher() -> None:
+    """Replace the console script this run came through with the fast launcher, once
+    (shim/binary/launcher.py). What prevents it is reported: to the bundle's log for
+    `start` and `delete` (their output is containerd's to parse), else to stderr."""
+    from shim.binary import launcher
+    problem = launcher.upgrade(sys.argv[0])
+    if problem is None:
+        return
+    try:
+        _, args = parse(sys.argv[1:])
+    except UsageError:
+        args = []
+    if args[:1] in (["start"], ["delete"]):
+        from shim.binary import log as shimlog
+        shimlog.report("warning", problem)
+    else:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,13 @@ import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from shim.binary import log as shimlog
 from shim.linux.reaper import set_child_subreaper
+
+if TYPE_CHECKING:
+    import socket
 
 TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 
@@ -26,6 +30,7 @@ TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 # missing). A daemon warns at exit about any module the zygote did not have.
 MODULES = (
     "shim.binary.daemon", "shim.task.events", "shim.task.service", "shim.ttrpc", "shim.linux.placement",
+    "shim.probe.hooks", "shim.probe.trace", "shim.probe.points", "shim.probe.failpoints",
     "shim.api.envelope_pb2", "shim.api.runc_options_pb2", "shim.api.runctypes_pb2",
     "shim.api.runtimeoptions_pb2", "google.protobuf.any_pb2", "google.protobuf.empty_pb2",
     "google.protobuf.timestamp_pb2", "ctypes", "fcntl", "json", "struct", "termios", "tomllib",
@@ -65,19 +70,33 @@ def run(listener_fd: int, debug: bool, namespace: str, cid: str, bundle: str,
         os._exit(1)
 
 
-def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *,
+def serve(listener: socket.socket, namespace: str, cid: str, bundle: str, ttrpc_address: str, *,
           start_stdin: bytes = b"", containerd_pid: int = 0,
           preloaded: frozenset[str] = frozenset()) -> None:
     """Run the daemon until Shutdown with no containers left (or SIGTERM)."""
     from shim.runtime import options
     from shim.linux import placement
+    from shim.probe import hooks as probe
+    from shim.probe import points
     from shim.task.events import Publisher
     from shim.task.service import TaskService
     from shim.ttrpc import Server
 
     # Where containerd's runc shim puts itself: ShimCgroup, and an OOM score one above
     # containerd's, so the kernel picks a shim before containerd.
-    shim_cgroup = options.from_start_stdin(start_stdin, namespace, cid).shim_cgroup
+    opts = options.from_start_stdin(start_stdin, namespace, cid)
+    shim_cgroup = opts.shim_cgroup
+    # Tracing: the runtime option wins over containerd's environment (an annotation, at
+    # Create, over both for its container).
+    probe.reset()
+    trace_file = opts.trace or os.environ.get(points.TRACE_ENV, "")
+    if trace_file:
+        try:
+            probe.enable_trace(trace_file)
+        except OSError as e:
+            log.error("cannot trace to %s: %s", trace_file, e)
+    probe.phase("daemon.begin", cid, detail="zygote" if preloaded else "start")
+    trace_dir = opts.trace_dir or os.environ.get(points.TRACE_DIR_ENV) or points.DEFAULT_TRACE_DIR
     if shim_cgroup:
         placement.join_cgroup(os.getpid(), shim_cgroup)
     if containerd_pid:
@@ -100,18 +119,26 @@ def serve(listener, namespace: str, cid: str, bundle: str, ttrpc_address: str, *
     signal.signal(signal.SIGTERM, lambda *_: request_shutdown())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     server = Server()
-    for name in TASK_SERVICES:
-        server.register(name, service.methods())
+
+    def serve_table(table: dict, replace: bool = True) -> None:
+        for name in TASK_SERVICES:
+            server.register(name, table, replace=replace)
+
+    serve_table(probe.install(service.methods(), service.bundle_parent, trace_dir, serve_table),
+                replace=False)
     threading.Thread(target=server.serve, args=(listener,), name="ttrpc", daemon=True).start()
     # Only now the other threads: each start waits for its thread to run, time that
     # containerd's first request (Create) no longer waits for.
     publisher.start()
     service.start()
     log.debug("serving on %s", listener.getsockname())
+    probe.phase("daemon.serving", cid)
     service.reaper.run(stopping.is_set)
 
     log.debug("shutting down")
-    if preloaded and (late := sorted(set(sys.modules) - preloaded)):
+    probe.phase("daemon.exit", cid)
+    # (Tracing imports json_format late, on purpose: a daemon without it never pays.)
+    if preloaded and not probe.ON and (late := sorted(set(sys.modules) - preloaded)):
         log.warning("imported after the fork from the zygote (add to daemon.MODULES): %s",
                     " ".join(late))
     try:

@@ -85,3 +85,22 @@ def setup(debug: bool, **fields: str) -> None:
     level = logging.DEBUG if debug else logging.INFO
     if root.level != level:  # setLevel clears every logger's cache: not for nothing
         root.setLevel(level)
+
+
+def report(level: str, msg: str, fd: int | None = None, **fields: str) -> None:
+    """One line to the bundle's log FIFO (`fd`, else `log` in the working directory) from
+    a process that has not set logging up: `start`, `delete`, a zygote starting."""
+    record = logging.LogRecord("shim", logging.getLevelName(level.upper()), "", 0, msg, None, None)
+    line = LogrusFormatter({"runtime": RUNTIME, **fields}).format(record).encode(errors="replace")
+    own = fd is None
+    if own:
+        fd = open_log_fifo()
+        if fd is None:
+            return
+    try:
+        os.write(fd, line)
+    except OSError:
+        pass
+    finally:
+        if own:
+            os.close(fd)

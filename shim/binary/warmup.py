@@ -51,12 +51,13 @@ def rehearse() -> None:
         reply = pb.CreateTaskResponse(pid=1).SerializeToString()
         codec.decode_response(codec.encode_response(1, reply)[codec.HEADER_SIZE:])
         now = timestamp_of(time.time())
-        for event in (ev.TaskCreate(container_id="warmup", pid=1),
-                      ev.TaskStart(container_id="warmup", pid=1),
-                      ev.TaskExit(container_id="warmup", pid=1, exited_at=now)):
+        for message in (ev.TaskCreate(container_id="warmup", pid=1),
+                        ev.TaskStart(container_id="warmup", pid=1),
+                        ev.TaskExit(container_id="warmup", pid=1, exited_at=now)):
             ForwardRequest(envelope=Envelope(
                 timestamp=now, namespace="warmup", topic="/tasks/warmup",
-                event=Any(type_url=event.DESCRIPTOR.full_name, value=event.SerializeToString()),
+                event=Any(type_url=message.DESCRIPTOR.full_name,
+                          value=message.SerializeToString()),
             )).SerializeToString()
         options.decode("", b"", "warmup")
         RuncConfig().command("warmup", "/", "state", "warmup")

@@ -25,6 +25,10 @@ import sys
 
 import _socket  # the raw module: `start` must not pay for the socket module's import
 
+TYPE_CHECKING = False  # as typing's, without importing typing on `start`'s path
+if TYPE_CHECKING:
+    import socket
+
 ZYGOTE_DIR = "/run/pyshim"
 IDLE_SECONDS = 5.0
 MAX_REQUEST = 1 << 20
@@ -70,10 +74,32 @@ def handoff(containerd_address: str, listener: _socket.socket, request: tuple) -
         conn.close()
 
 
+# The zygote's program: `python -IS -c ZYGOTE_MAIN -address A zygote`, with sys.path set
+# to where this `shim` was imported from, whatever launched `start` (the fast launcher,
+# pip's console script, `python -m`): nothing may assume an install layout.
+ZYGOTE_MAIN = """import sys
+sys.path[:0] = {paths!r}
+try:
+    from shim.binary.zygote import main
+except BaseException as e:
+    sys.stderr.write('level=error msg="pyshim zygote cannot start: %s" runtime={runtime}\\n'
+                     % repr(e).replace('"', "'"))
+    raise SystemExit(1)
+main()
+"""
+
+
+def failure_path(containerd_address: str) -> str:
+    """Why the last zygote for this address could not start, for the next start to log: the
+    log of the bundle that spawned it may be gone before the zygote gets that far."""
+    return socket_path(containerd_address) + ".failed"
+
+
 def spawn(containerd_address: str) -> None:
     """Start a zygote in the background (from `start`, after it has done its job)."""
     if os.environ.get(DISABLE_ENV):
         return
+    _report_failure(containerd_address)
     pid = os.fork()
     if pid != 0:
         os.waitpid(pid, 0)  # the intermediate child exits at once
@@ -82,23 +108,67 @@ def spawn(containerd_address: str) -> None:
         os.setsid()
         if os.fork() != 0:  # not a child of `start`: containerd waits for start's exit
             os._exit(0)
+        from shim import RUNTIME
+        from shim.binary import launcher
+        from shim.binary.log import open_log_fifo, report
         devnull = os.open(os.devnull, os.O_RDWR)
+        # Until it serves, the zygote's stderr is the log of the bundle `start` ran for,
+        # so that a zygote that cannot start says why in containerd's log.
+        log = open_log_fifo()
         for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
+            os.dup2(log if fd == 2 and log is not None else devnull, fd)
         os.close(devnull)
+        if log is not None:
+            os.close(log)
         os.chdir("/")
-        # A fresh process whose command line says what it is (`… zygote` in ps), off
-        # the critical path of the start that spawned it.
-        argv0 = sys.argv[0]
-        if os.path.basename(argv0) == "containerd-shim-pyshim-v1":
-            os.execv(sys.executable, [sys.executable, "-IS", argv0,
+        try:
+            code = ZYGOTE_MAIN.format(paths=launcher.search_path(), runtime=RUNTIME)
+            os.execv(sys.executable, [sys.executable, "-IS", "-c", code,
                                       "-address", containerd_address, "zygote"])
-        os.execv(sys.executable, [sys.executable, "-IS", "-c",
-                                  f"import sys; sys.path[:0] = {sys.path!r}; "
-                                  "from shim.binary.zygote import serve; serve(sys.argv[2])",
-                                  "-address", containerd_address, "zygote"])
+        except (OSError, ImportError) as e:
+            report("error", f"pyshim zygote cannot start: {e}", fd=2)
     finally:
         os._exit(0)
+
+
+def _report_failure(containerd_address: str) -> None:
+    """Log (to this start's bundle) why the previous zygote could not start, once."""
+    path = failure_path(containerd_address)
+    try:
+        with open(path) as f:
+            reason = f.read()
+        os.unlink(path)
+    except OSError:
+        return  # the usual case: no failure on record
+    from shim.binary.log import report
+    report("error", reason)
+
+
+def _record_failure(containerd_address: str, reason: str) -> None:
+    try:
+        os.makedirs(ZYGOTE_DIR, mode=0o700, exist_ok=True)
+        fd = os.open(failure_path(containerd_address), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, reason.encode(errors="replace"))
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def main() -> None:
+    """The zygote process (see ZYGOTE_MAIN): its command line says what it is in ps."""
+    address = sys.argv[sys.argv.index("-address") + 1]
+    from shim.binary.launcher import NAME
+    _set_command_line([NAME, "-address", address, "zygote"])
+    code = 0
+    try:
+        serve(address)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    # No interpreter clean-up, as for the shim's binary: it would wait for the threads the
+    # rehearsal left parked, and free every frozen object one by one.
+    os._exit(code)
 
 
 def _code_stamp() -> float:
@@ -116,50 +186,38 @@ def _code_stamp() -> float:
 
 
 def serve(containerd_address: str) -> None:
-    import gc
-    import importlib
     import select
-    import signal
-    import socket
     import time
 
-    from shim.binary import daemon
-    from shim.binary import prefork
-    from shim.binary import warmup
     from shim.binary import log as shimlog
     from shim.binary.address import is_live
 
-    for name in daemon.MODULES:  # everything a daemon imports, imported once here
-        importlib.import_module(name)
-    # Made here, not in each daemon: building it there would write to the pages of
-    # every module's name.
-    preloaded = frozenset(sys.modules)
-
-    path = socket_path(containerd_address)
-    os.makedirs(ZYGOTE_DIR, mode=0o700, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(path)
-    except OSError:
-        if is_live(path, socket.SOCK_SEQPACKET):
-            return  # another zygote won the race
-        os.unlink(path)
-        sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(16)
-    _remove_dead_sockets(path)
-    stamp = _code_stamp()
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # stderr is the log of the bundle whose start spawned this zygote (see spawn): keep it
+    # only to report a failed start, not for the rehearsal's lines, nor once serving.
+    report_fd = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
     shimlog.setup(False)  # a daemon then only sets its fields and level
-    warmup.rehearse()
-    gc.collect()
-    prefork.pack()
-    gc.freeze()
-    if os.environ.get(prefork.KSM_ENV) == "1":
-        prefork.mark_mergeable()
+    try:
+        prepared = _prepare(containerd_address)
+    except BaseException:
+        import traceback
+        reason = (f"pyshim zygote for {containerd_address} cannot start (each start then forks "
+                  f"its daemon itself): {traceback.format_exc()}")
+        shimlog.report("error", reason, fd=report_fd)
+        _record_failure(containerd_address, reason)
+        raise SystemExit(1) from None
+    finally:
+        os.close(report_fd)
+    if prepared is None:
+        return  # another zygote won the race
+    sock, path, preloaded, (wake_r, wake_w) = prepared
+    try:
+        os.unlink(failure_path(containerd_address))  # an earlier failure no longer applies
+    except OSError:
+        pass
+    stamp = _code_stamp()
 
     children: set[int] = set()
     last_activity = time.monotonic()
@@ -207,6 +265,51 @@ def serve(containerd_address: str) -> None:
         sock.close()
 
 
+def _prepare(containerd_address: str):
+    """Import, bind and warm up; None if another zygote already serves the address."""
+    import gc
+    import importlib
+    import signal
+    import socket
+
+    from shim.binary import daemon
+    from shim.binary import prefork
+    from shim.binary import warmup
+    from shim.binary.address import is_live
+
+    for name in daemon.MODULES:  # everything a daemon imports, imported once here
+        importlib.import_module(name)
+    # Made here, not in each daemon: building it there would write to the pages of
+    # every module's name.
+    preloaded = frozenset(sys.modules)
+
+    path = socket_path(containerd_address)
+    os.makedirs(ZYGOTE_DIR, mode=0o700, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(path)
+    except OSError:
+        if is_live(path, socket.SOCK_SEQPACKET):
+            sock.close()
+            return None
+        os.unlink(path)
+        sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    _remove_dead_sockets(path)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    warmup.rehearse()
+    gc.collect()
+    prefork.pack()
+    gc.freeze()
+    if os.environ.get(prefork.KSM_ENV) == "1":
+        prefork.mark_mergeable()
+    return sock, path, preloaded, (wake_r, wake_w)
+
+
 def _remove_dead_sockets(own: str) -> None:
     """Sockets of zygotes that were killed (nothing else could remove them)."""
     import socket
@@ -221,7 +324,7 @@ def _remove_dead_sockets(own: str) -> None:
                 pass
 
 
-def _fork_daemon(sock, own_fds: tuple[int, ...], containerd_address: str,
+def _fork_daemon(sock: socket.socket, own_fds: tuple[int, ...], containerd_address: str,
                  preloaded: frozenset[str]) -> int:
     """Accept one request and fork its daemon; returns the daemon's pid (0 if none)."""
     import marshal

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 
+TYPE_CHECKING = False  # as typing's, without importing typing: `delete` imports this module
+if TYPE_CHECKING:
+    import ctypes
+
 _handle = None
 
 
-def libc():  # -> ctypes.CDLL
+def libc() -> ctypes.CDLL:
     global _handle
     if _handle is None:
         import ctypes

@@ -72,16 +72,57 @@ def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None
           f"mount {source} on {target} ({fstype})")
 
 
+MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP beyond)
+
+
+def resolve_in_root(root: str, target: str) -> str:
+    """`root`/`target` with every symlink on the way resolved as if `root` were `/` (and
+    `..` stopping at it), so the result never leaves `root`: the way containerd joins a
+    mount target to the rootfs. Components that do not exist yet are kept as they are."""
+    parts = [p for p in target.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        path = os.path.join(root, *done, part)
+        try:
+            link = os.readlink(path)
+        except OSError:  # not a symlink, or not there (yet)
+            done.append(part)
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise OSError(errno.ELOOP, f"mount target {target}: too many symlinks")
+        if link.startswith("/"):
+            done = []
+        parts = [p for p in link.split("/") if p not in ("", ".")] + parts
+    return os.path.join(root, *done)
+
+
+def _target(m: Mount, root: str) -> str:
+    return resolve_in_root(root, m.target) if m.target else root
+
+
 def mount(m: Mount, root: str) -> None:
-    target = os.path.join(root, m.target.lstrip("/")) if m.target else root
+    target = _target(m, root)
     if "loop" in m.options:
         raise OSError(95, f"mount {m.source}: loop mounts are not supported")
     flags, data = parse_options(m.options)
     # Long overlay option strings can exceed a page: run the mount from the lowerdirs'
     # common parent with relative paths, as containerd does.
     cwd = None
-    if m.type == "overlay" and len(data) >= os.sysconf("SC_PAGE_SIZE") - 512:
+    page = os.sysconf("SC_PAGE_SIZE")
+    if m.type == "overlay" and len(data) >= page - 512:
         data, cwd = _compact_lowerdirs(m.options, data)
+    if len(data.encode()) >= page:
+        # The kernel keeps one page, NUL included, and silently cuts the rest: a cut
+        # lowerdir list can name a wrong but existing directory and mount the wrong layers.
+        raise OSError(errno.E2BIG, f"mount {m.source} on {target}: options are too long "
+                                   f"({len(data.encode())} bytes, at most {page - 1})")
     if cwd:
         old = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -111,15 +152,16 @@ def _compact_lowerdirs(options: list[str], data: str) -> tuple[str, str]:
 
 
 def mount_all(mounts: list[Mount], root: str) -> None:
-    """Mount in order; on failure undo what was mounted and re-raise."""
-    done = 0
+    """Mount in order; on failure undo what was mounted (in reverse: a target may be
+    inside an earlier mount) and re-raise."""
+    done: list[str] = []
     try:
         for m in mounts:
             mount(m, root)
-            done += 1
+            done.append(_target(m, root))
     except OSError:
-        for _ in range(done):
-            unmount(root, lazy=True)
+        for target in reversed(done):
+            unmount(target, lazy=True)
         raise
 
 
@@ -141,6 +183,22 @@ def _escape(path: str) -> str:
     return path
 
 
+def _unescape(path: str) -> str:
+    for ch in (" ", "\t", "\n", "\\"):  # the backslash last, or its digits would be read again
+        path = path.replace("\\%03o" % ord(ch), ch)
+    return path
+
+
+def _mounted_below(path: str) -> list[str]:
+    """The mount points at or below `path`, deepest first."""
+    prefix = _escape(os.path.realpath(path))
+    with open("/proc/self/mountinfo", "rb") as f:
+        data = f.read()
+    points = {os.fsdecode(line.split(b" ", 5)[4]) for line in data.splitlines() if line}
+    below = [p for p in points if p == prefix or p.startswith(prefix.rstrip("/") + "/")]
+    return [_unescape(p) for p in sorted(below, key=len, reverse=True)]
+
+
 def unmount(path: str, lazy: bool = False) -> bool:
     """Unmount once; False when nothing is mounted there."""
     try:
@@ -153,7 +211,13 @@ def unmount(path: str, lazy: bool = False) -> bool:
 
 
 def unmount_all(path: str) -> None:
-    """Unmount everything stacked on `path` (containerd's UnmountAll)."""
-    for _ in range(64):
-        if not unmount(path):
-            return
+    """Unmount everything stacked on `path` or mounted below it, deepest first
+    (containerd 2.x's UnmountRecursive): 2.x mounts may target a path in the rootfs."""
+    try:
+        points = _mounted_below(path)
+    except OSError:
+        points = [path]
+    for point in points:
+        for _ in range(64):
+            if not unmount(point):
+                break

@@ -92,6 +92,8 @@ class OOMWatcher:
         """`start=False` leaves the thread to `start()`: watches may be added before it
         runs, and their events wait in the epoll set until it does."""
         self._on_oom = on_oom
+        # Guards the three tables, _inotify_fd and _closed: add/remove run on RPC threads,
+        # the watcher's thread reads the tables for every ready fd.
         self._lock = threading.Lock()
         self._by_id: dict[str, _Watch] = {}
         self._by_fd: dict[int, _Watch] = {}  # v1 eventfds

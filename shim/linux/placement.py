@@ -1,6 +1,6 @@
 """Where the shim daemon runs: the cgroup containerd asks for, and its OOM score.
 
-Both are set by `start` on the daemon it forked, before containerd hears of it, as
+The daemon places itself first thing (daemon.serve), before it answers containerd, as
 containerd's runc shim does: the shim belongs in ShimCgroup when one is configured,
 and its oom_score_adj is containerd's plus one, so that under memory pressure the
 kernel picks a shim before containerd. Lowering a score needs CAP_SYS_RESOURCE;

@@ -75,7 +75,6 @@ class Reaper:
         # Held across Popen so the loop cannot reap a new child before it is registered.
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._stopping = False
 
     def install(self) -> None:
         """Route SIGCHLD to the wake-up pipe. Must run in the main thread."""

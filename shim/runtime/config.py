@@ -84,7 +84,7 @@ class RuncConfig:
             f.writelines(lines)
 
     @classmethod
-    def load(cls, bundle: str) -> "RuncConfig":
+    def load(cls, bundle: str) -> RuncConfig:
         """The config saved by Create, or the defaults when there is none."""
         fields: dict[str, str | bool | int] = {}
         try:

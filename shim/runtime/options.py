@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shim.runtime.config import DEFAULT_ROOT, RuncConfig
+
+if TYPE_CHECKING:
+    from shim.api.bootstrap_pb2 import BootstrapParams
 
 log = logging.getLogger("shim.runtime.options")
 
@@ -24,6 +28,8 @@ RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
 class Options:
     runc: RuncConfig
     shim_cgroup: str = ""
+    trace: str = ""      # PyshimTrace: the shim's trace file (README: tracing)
+    trace_dir: str = ""  # PyshimTraceDir: where io.pyshim.trace annotations may write
 
 
 DEFAULT = Options(RuncConfig())  # for no options, or options of a type we do not know
@@ -41,20 +47,22 @@ def decode(type_url: str, value: bytes, context: str) -> Options:
             no_new_keyring=o.no_new_keyring, criu_path=o.criu_path,
             io_uid=o.io_uid or -1, io_gid=o.io_gid or -1), o.shim_cgroup)
     if name == CREATE_OPTIONS:
-        from shim.api.runctypes_pb2 import CreateOptions as Pb
-        c = Pb.FromString(value)
+        from shim.api.runctypes_pb2 import CreateOptions
+        c = CreateOptions.FromString(value)
         return Options(RuncConfig(
             no_pivot_root=c.no_pivot_root, no_new_keyring=c.no_new_keyring,
             io_uid=c.io_uid or -1, io_gid=c.io_gid or -1), c.shim_cgroup)
     if name == RUNTIME_OPTIONS:
-        from shim.api.runtimeoptions_pb2 import Options as Pb
-        r = Pb.FromString(value)
+        from shim.api.runtimeoptions_pb2 import Options as TableOptions
+        r = TableOptions.FromString(value)
         return from_table(_load_table(r.config_body, r.config_path, context), context)
     if name:
         log.info("%s: ignoring runtime options of type %s", context, name)
     return DEFAULT
 
 
+# pyshim's own keys of the options table -> Options fields (strings)
+PYSHIM_KEYS = {"PyshimTrace": "trace", "PyshimTraceDir": "trace_dir"}
 # The keys of CRI's options table (the runc shim's TOML names) -> RuncConfig fields.
 TABLE_KEYS = {"BinaryName": "binary", "Root": "root", "SystemdCgroup": "systemd_cgroup",
               "NoPivotRoot": "no_pivot_root", "NoNewKeyring": "no_new_keyring",
@@ -81,14 +89,15 @@ def from_table(table: dict, context: str) -> Options:
     for key, value in table.items():
         if key in TABLE_KEYS:
             fields[TABLE_KEYS[key]] = value
-        elif key not in ("TypeUrl", "ConfigPath", "ShimCgroup"):
+        elif key not in ("TypeUrl", "ConfigPath", "ShimCgroup", *PYSHIM_KEYS):
             log.info("%s: ignoring unknown runtime option %s", context, key)
     try:
         config = RuncConfig(**fields)
     except TypeError as e:
         log.warning("%s: bad runtime options: %s", context, e)
         config = RuncConfig()
-    return Options(config, str(table.get("ShimCgroup", "")))
+    own = {field: str(table[key]) for key, field in PYSHIM_KEYS.items() if key in table}
+    return Options(config, str(table.get("ShimCgroup", "")), **own)
 
 
 def decode_any_bytes(data: bytes, context: str) -> Options:
@@ -105,7 +114,7 @@ def decode_any_bytes(data: bytes, context: str) -> Options:
     return decode(a.type_url, a.value, context)
 
 
-def bootstrap_params(data: bytes):  # -> BootstrapParams
+def bootstrap_params(data: bytes) -> BootstrapParams:
     from shim.api.bootstrap_pb2 import BootstrapParams
     return BootstrapParams.FromString(data)
 

@@ -4,20 +4,66 @@ Every command gets the same global flags as containerd's runc shim uses (`--root
 `--log <bundle>/log.json --log-format json`, `--systemd-cgroup`), runs with the bundle as
 cwd and the shim's environment minus NOTIFY_SOCKET. runc writes its errors to log.json,
 not to stderr, so a failure's message is the last error line found there.
+
+No runc command may hang the shim: each verb has a bound (`BOUNDS`), shortened to the
+caller's deadline when the request that runs it has one (`request_deadline`, set by the
+Task service around each call). A command still running at its bound is SIGKILLed and
+fails with a message that names the verb and the bound.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
+import select
+import signal
 import subprocess
+import time
 from typing import IO, Any
 
 from shim.linux.reaper import Reaper
+from shim.probe import hooks as probe
 from shim.runtime.config import RuncConfig
 
+
 class RuncError(Exception):
-    """A runc command failed; the message is runc's own error text."""
+    """A runc command failed; the message is runc's own error text, `status` its exit
+    status (-1 when it could not be run)."""
+
+    def __init__(self, message: str, status: int = -1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# Seconds a runc verb may take before it is killed. Verbs that only signal, read or
+# remove state must never hang (a frozen cgroup, a stuck runc): 10 s, well above their
+# usual few ms. Verbs that start processes run hooks and set up namespaces: 120 s, the
+# kubelet's default runtime-request timeout (a caller that waited longer has given up).
+# checkpoint and restore scale with the container's memory: bounded only by a deadline.
+QUICK_BOUND = 10.0
+START_BOUND = 120.0
+BOUNDS: dict[str, float | None] = {
+    "state": QUICK_BOUND, "kill": QUICK_BOUND, "delete": QUICK_BOUND, "ps": QUICK_BOUND,
+    "pause": QUICK_BOUND, "resume": QUICK_BOUND, "update": QUICK_BOUND,
+    "create": START_BOUND, "start": START_BOUND, "exec": START_BOUND,
+    "checkpoint": None, "restore": None,
+}
+
+# time.monotonic() by which the request being served must be answered (ttrpc's
+# timeout), or None; set per call by the Task service, read by every runc command.
+request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "request_deadline", default=None)
+
+
+def bound_for(verb: str) -> float | None:
+    """Seconds `verb` may run now: its bound, or less if the request's deadline is nearer."""
+    bound = BOUNDS.get(verb, QUICK_BOUND)
+    deadline = request_deadline.get()
+    if deadline is not None:
+        left = max(0.0, deadline - time.monotonic())
+        bound = left if bound is None else min(bound, left)
+    return bound
 
 
 class Runc:
@@ -32,6 +78,14 @@ class Runc:
     def run(self, *args: str, stdio: tuple[Any, Any, Any] | None = None,
             input: bytes | None = None, capture: bool = False) -> bytes:
         """Run one runc command to completion; returns its stdout when `capture`."""
+        argv = self.config.command(self.namespace, self.bundle, *args)
+        if probe.ON:  # the bundle's name is the container id (Create checks it)
+            return probe.runc(os.path.basename(self.bundle), args[0], argv,
+                              lambda: self._run(args[0], argv, stdio, input, capture), RuncError)
+        return self._run(args[0], argv, stdio, input, capture)
+
+    def _run(self, verb: str, argv: list[str], stdio: tuple[Any, Any, Any] | None, input: bytes | None,
+             capture: bool) -> bytes:
         stdin: Any = subprocess.DEVNULL
         stdout: Any = subprocess.PIPE if capture else subprocess.DEVNULL
         stderr: Any = subprocess.PIPE
@@ -42,22 +96,29 @@ class Runc:
         elif input is not None:
             stdin = subprocess.PIPE
         try:
-            child = self.reaper.spawn(self.config.command(self.namespace, self.bundle, *args), cwd=self.bundle, env=self._env,
+            child = self.reaper.spawn(argv, cwd=self.bundle, env=self._env,
                                       stdin=stdin, stdout=stdout, stderr=stderr)
         except OSError as e:
             raise RuncError(f"{self.config.binary}: {e.strerror}") from None
         popen = child.popen
+        bound = bound_for(verb)
+        deadline = None if bound is None else time.monotonic() + bound
         if popen.stdin is not None:
             _write_all(popen.stdin, input or b"")
-        out = popen.stdout.read() if popen.stdout is not None else b""
-        err = popen.stderr.read() if popen.stderr is not None else b""
-        for pipe in (popen.stdout, popen.stderr):
-            if pipe is not None:
-                pipe.close()
-        code = child.wait()
+        out, err = _collect(popen.stdout, popen.stderr, deadline)
+        try:
+            code = child.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            child.wait(5.0)  # reaped by the reaper; never leave it to reuse its pid
+            raise RuncError(f"{self.config.binary} {verb} did not finish within "
+                            f"{bound:g}s and was killed") from None
         if code != 0:
             text = self.last_error() or err.decode(errors="replace").strip()
-            raise RuncError(text or f"{self.config.binary} {args[0]} exited with status {code}")
+            raise RuncError(text or f"{self.config.binary} {verb} exited with status {code}", code)
         return out
 
     def last_error(self) -> str:
@@ -150,8 +211,39 @@ class Runc:
 
     def ps(self, cid: str) -> list[int]:
         out = self.run("ps", "--format", "json", cid, capture=True)
-        pids = json.loads(out or b"[]")
-        return [int(p) for p in pids or []]
+        try:
+            pids = json.loads(out.strip() or b"[]")
+            return [int(p) for p in pids or []]
+        except (ValueError, TypeError):
+            # A failure of runc like any other, not an exception the RPC layer never expects.
+            raise RuncError(f"{self.config.binary} ps: unexpected output {out[:200]!r}") from None
+
+
+def _collect(stdout: IO[bytes] | None, stderr: IO[bytes] | None,
+             deadline: float | None) -> tuple[bytes, bytes]:
+    """Read both pipes to EOF, or until `deadline`; close them. (stdout, stderr)."""
+    fds = [-1 if pipe is None else pipe.fileno() for pipe in (stdout, stderr)]
+    chunks: dict[int, list[bytes]] = {fd: [] for fd in fds}
+    poller = select.poll()
+    for fd in fds:
+        if fd >= 0:
+            poller.register(fd, select.POLLIN)
+    open_fds = {fd for fd in fds if fd >= 0}
+    while open_fds:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        for fd, _ in poller.poll(None if left is None else int(left * 1000) + 1):
+            data = os.read(fd, 65536)
+            if data:
+                chunks[fd].append(data)
+            else:
+                poller.unregister(fd)
+                open_fds.discard(fd)
+    for pipe in (stdout, stderr):
+        if pipe is not None:
+            pipe.close()
+    return b"".join(chunks[fds[0]]), b"".join(chunks[fds[1]])
 
 
 def _write_all(pipe: IO[bytes], data: bytes) -> None:

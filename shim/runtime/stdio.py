@@ -25,6 +25,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -33,12 +34,18 @@ import time
 from typing import Callable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from shim.probe import hooks as probe
+
 log = logging.getLogger("shim.runtime.stdio")
 
 CHUNK = 1 << 16
 LOGGER_STOP_TIMEOUT = 12.0
 EOT = b"\x04"  # what a terminal reads as end of input
 QUIET_MS = 100  # a terminal whose process exited is copied until it is this long quiet
+# How long Delete waits for the client to read what an output FIFO still holds, and how
+# long it waits when nobody reads it at all (a detached client): see `wait_read`.
+READ_TIMEOUT = 2.0
+READ_STALL = 0.25
 
 
 def _close(fd: int | None) -> None:
@@ -49,9 +56,12 @@ def _close(fd: int | None) -> None:
             pass
 
 
-def _copy(src: int, dst: int, stop_fd: int, quiet_fd: int | None = None) -> None:
+def _copy(src: int, dst: int, stop_fd: int, quiet_fd: int | None = None,
+          limit: int | None = None) -> int:
     """Move bytes from src to dst until EOF on src or until stop_fd becomes readable; once
-    quiet_fd is readable too, also as soon as src has had nothing to read for QUIET_MS."""
+    quiet_fd is readable too, also as soon as src has had nothing to read for QUIET_MS;
+    with a `limit`, once that many bytes are copied. Returns the bytes copied."""
+    copied = 0
     use_splice = True
     poller = select.poll()
     poller.register(src, select.POLLIN)
@@ -59,26 +69,30 @@ def _copy(src: int, dst: int, stop_fd: int, quiet_fd: int | None = None) -> None
     if quiet_fd is not None:
         poller.register(quiet_fd, select.POLLIN)
     timeout = None
-    while True:
+    while limit is None or copied < limit:
         ready = [fd for fd, _ in poller.poll(timeout)]
         if stop_fd in ready or not ready:  # nothing ready: quiet for QUIET_MS
-            return
+            return copied
         if quiet_fd in ready:
             poller.unregister(quiet_fd)
             timeout = QUIET_MS
             if src not in ready:
                 continue
+        chunk = CHUNK if limit is None else min(CHUNK, limit - copied)
         try:
             if use_splice:
-                if os.splice(src, dst, CHUNK) == 0:
-                    return
+                n = os.splice(src, dst, chunk)
+                if n == 0:
+                    return copied
+                copied += n
                 continue
-            data = os.read(src, CHUNK)
+            data = os.read(src, chunk)
             if not data:
-                return
+                return copied
             view = memoryview(data)
             while view:
                 view = view[os.write(dst, view):]
+            copied += len(data)
         except InterruptedError:
             continue
         except OSError as e:
@@ -86,8 +100,16 @@ def _copy(src: int, dst: int, stop_fd: int, quiet_fd: int | None = None) -> None
                 use_splice = False  # not both ends are pipes: plain read/write
                 continue
             if e.errno == errno.EIO:
-                return  # a pty master after the last slave fd closed: end of output
+                return copied  # a pty master after the last slave fd closed: end of output
             raise
+    return copied
+
+
+def _wait(fd: int) -> None:
+    """Block until `fd` is readable (the stop pipe)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.poll()
 
 
 def _drain(src: int, stop_fd: int) -> None:
@@ -116,8 +138,10 @@ class ProcessIO:
 
     def __init__(self, label: str, stdin: str, stdout: str, stderr: str, *,
                  terminal: bool = False, uid: int = -1, gid: int = -1,
-                 spawn: Spawn | None = None, env: dict[str, str] | None = None) -> None:
+                 spawn: Spawn | None = None, env: dict[str, str] | None = None,
+                 ids: tuple[str, str] = ("", "")) -> None:
         self.label = label
+        self.ids = ids  # (container id, exec id), for traces and failpoints
         self.terminal = terminal
         self._uid, self._gid = uid, gid
         self._lock = threading.Lock()
@@ -126,7 +150,9 @@ class ProcessIO:
         self._drained: list[threading.Event] = []
         self._stdin_keepalive: int | None = None
         self._stdin_src: int | None = None
-        self._outputs: list[tuple[int | None, int, str]] = []  # (writer, keepalive, path)
+        self._outputs: list[tuple[int | None, int, str, str]] = []  # (writer, keepalive, path, stream)
+        self._readers: list[int] = []  # output keep-alive fds, ours until close()
+        self._fifo_readers: list[int] = []  # those of them on a FIFO
         self._console: int | None = None
         self._console_dir: str | None = None
         self._console_listener: socket.socket | None = None
@@ -157,15 +183,15 @@ class ProcessIO:
             if scheme == "binary":
                 raise OSError(errno.EINVAL, "binary:// logging is not supported with a terminal")
             if stdout:
-                self._outputs.append(self._open_destination(stdout))
+                self._outputs.append((*self._open_destination(stdout), "stdout"))
             return (None, None, None)
         runc_in = self._stdin_pipe() if stdin else None
         if scheme == "binary":
             if spawn is None:
                 raise OSError(errno.EINVAL, "binary:// needs a process spawner")
             return (runc_in, *self._start_logger(stdout, spawn, env))
-        runc_out = self._output_pipe(stdout) if stdout else None
-        runc_err = self._output_pipe(stderr if scheme != "file" else stdout) \
+        runc_out = self._output_pipe(stdout, "stdout") if stdout else None
+        runc_err = self._output_pipe(stderr if scheme != "file" else stdout, "stderr") \
             if (stderr or scheme == "file") else None
         return (runc_in, runc_out, runc_err)
 
@@ -218,27 +244,33 @@ class ProcessIO:
         if "://" in path:
             raise OSError(errno.EINVAL, f"unknown STDIO scheme {urlsplit(path).scheme}")
         try:
-            writer: int | None = self._own(
-                os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-            os.set_blocking(writer, True)
+            fd = self._own(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            os.set_blocking(fd, True)
+            writer: int | None = fd
         except OSError as e:
             if e.errno != errno.ENXIO:
                 raise
             writer = None  # no reader yet: the copy loop waits for one
         return writer, self._own(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)), path
 
-    def _output_pipe(self, uri: str) -> int:
+    def _output_pipe(self, uri: str, stream: str) -> int:
         writer, keepalive, path = self._open_destination(uri)
         r, w = self._pipe()
-        self._start_output(r, writer, keepalive, path)
+        self._start_output(r, writer, keepalive, path, stream)
         return self._for_runc(w)
 
     def _start_output(self, src: int, writer: int | None, keepalive: int, path: str,
-                      quiet_fd: int | None = None) -> None:
+                      stream: str, quiet_fd: int | None = None) -> None:
         done = threading.Event()
         self._drained.append(done)
-        self._start(f"{self.label} output", self._pump_output, src, writer, keepalive, path, done,
-                    quiet_fd)
+        # The keep-alive reader outlives the copy loop: `wait_read` looks at the FIFO through it.
+        if keepalive in self._pending:
+            self._pending.remove(keepalive)
+        self._readers.append(keepalive)
+        if stat.S_ISFIFO(os.fstat(keepalive).st_mode):
+            self._fifo_readers.append(keepalive)
+        self._start(f"{self.label} output", self._pump_output, src, writer, path, done, quiet_fd,
+                    stream)
 
     def _start(self, name: str, target: Callable[..., None], *args: object) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
@@ -315,24 +347,40 @@ class ProcessIO:
 
     # -- copy loops -----------------------------------------------------------------------
 
-    def _pump_output(self, src: int, dst: int | None, keepalive: int, path: str,
-                     done: threading.Event, quiet_fd: int | None) -> None:
+    def _pump_output(self, src: int, dst: int | None, path: str,
+                     done: threading.Event, quiet_fd: int | None, stream: str) -> None:
+        copied = 0
+        fault = probe.stdio_start(*self.ids, stream) if probe.ON else None
         try:
             if dst is None:
                 # Nobody read the FIFO at set-up: wait for a reader (blocking open).
                 dst = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            _copy(src, dst, self._stop_r, quiet_fd)
+            if fault is None:
+                copied = _copy(src, dst, self._stop_r, quiet_fd)
+            else:  # a failpoint: copy up to its byte count, then stop or close
+                copied = _copy(src, dst, self._stop_r, quiet_fd, limit=int(fault.arg or 0))
+                if fault.type == "stop":
+                    _wait(self._stop_r)
         except OSError as e:
             log.warning("%s: copying output to %s failed: %s", self.label, path, e)
             _drain(src, self._stop_r)
         finally:
-            for fd in (src, dst, keepalive):
+            for fd in (src, dst):
                 _close(fd)
             done.set()
+            if probe.ON:
+                probe.stdio_end(*self.ids, stream, copied)
 
     def _pump_stdin(self, src: int, dst: int, terminal: bool) -> None:
+        copied = 0
+        fault = probe.stdio_start(*self.ids, "stdin") if probe.ON else None
         try:
-            _copy(src, dst, self._stop_r)
+            if fault is None:
+                copied = _copy(src, dst, self._stop_r)
+            else:  # a failpoint: copy up to its byte count, then stop or close
+                copied = _copy(src, dst, self._stop_r, limit=int(fault.arg or 0))
+                if fault.type == "stop":
+                    _wait(self._stop_r)
             if terminal:
                 os.write(dst, EOT)  # a terminal has no half-close: send end-of-input
         except OSError as e:
@@ -341,6 +389,8 @@ class ProcessIO:
         finally:
             _close(src)
             _close(dst)  # for a pipe, this is the container's EOF
+            if probe.ON:
+                probe.stdio_end(*self.ids, "stdin", copied)
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -354,12 +404,13 @@ class ProcessIO:
             finally:
                 self._close_console_socket()
             if self._outputs:
-                writer, keepalive, path = self._outputs.pop()
+                writer, keepalive, path, stream = self._outputs.pop()
                 # A terminal ends (EIO) only once every process holding it is gone, and a
                 # child the process left behind may hold it for ever: after the exit
                 # (`wait_drained`), the copy ends as soon as the terminal falls quiet.
                 self._exited = os.eventfd(0, os.EFD_CLOEXEC)
-                self._start_output(os.dup(self._console), writer, keepalive, path, self._exited)
+                self._start_output(os.dup(self._console), writer, keepalive, path, stream,
+                                   self._exited)
             if self._stdin_src is not None:
                 self._start_stdin(os.dup(self._console), True)
 
@@ -385,6 +436,36 @@ class ProcessIO:
         deadline = time.monotonic() + timeout
         return all(done.wait(max(0.0, deadline - time.monotonic())) for done in self._drained)
 
+    def wait_read(self, timeout: float = READ_TIMEOUT, stall: float = READ_STALL) -> bool:
+        """Before the process is deleted: wait until the client has read everything its
+        output FIFOs still hold. containerd's client (1.7 and later) closes its FIFO
+        readers as soon as Delete returns, so output still in a FIFO then is lost, even
+        though the client had it open all along. Bounded: `timeout` in all, and `stall`
+        once nothing is being read (nobody reads a detached client's FIFOs)."""
+        import fcntl
+        import struct
+        import termios
+
+        def unread() -> int:
+            total = 0
+            for fd in self._fifo_readers:
+                try:
+                    total += struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
+                except OSError:
+                    pass
+            return total
+
+        start = changed = time.monotonic()
+        last = -1
+        while (left := unread()) > 0:
+            now = time.monotonic()
+            if left != last:
+                last, changed = left, now
+            if now - changed > stall or now - start > timeout:
+                return False
+            time.sleep(0.005)
+        return True
+
     def close(self, timeout: float = 1.0) -> None:
         """Stop the copy loops and the logger, and release everything."""
         with self._lock:
@@ -399,10 +480,14 @@ class ProcessIO:
             t.join(max(0.0, deadline - time.monotonic()))
         _close(self._console)
         self._console = None
-        for writer, keepalive, _ in self._outputs:  # never handed to a loop
+        for writer, keepalive, _, _ in self._outputs:  # never handed to a loop
             _close(writer)
             _close(keepalive)
         self._outputs.clear()
+        for fd in self._readers:
+            _close(fd)
+        self._readers.clear()
+        self._fifo_readers.clear()
         if self._stdin_src is not None:
             _close(self._stdin_src)
             self._stdin_src = None

@@ -12,6 +12,7 @@ returns is retried ATTEMPTS times.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -23,6 +24,7 @@ from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from shim.api.envelope_pb2 import Envelope, ForwardRequest
+from shim.probe import hooks as probe
 from shim.ttrpc import Client, Code, TTRPCError
 
 log = logging.getLogger("shim.task.events")
@@ -71,11 +73,16 @@ class Publisher:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            self._forward(*item)
+            if probe.ON:
+                probe.event(getattr(item[1], "container_id", ""), item[0], item[1],
+                            functools.partial(self._forward, *item))
+            else:
+                self._forward(*item)
         if self._client is not None:
             self._client.close()
 
-    def _forward(self, topic: str, event: Message, when: float) -> None:
+    def _forward(self, topic: str, event: Message, when: float) -> tuple[int, bool]:
+        """Forward one event, retrying; returns the attempts made and whether it went out."""
         request = ForwardRequest(envelope=Envelope(
             timestamp=timestamp_of(when), namespace=self._namespace, topic=topic,
             event=Any(type_url=event.DESCRIPTOR.full_name, value=event.SerializeToString()),
@@ -89,7 +96,7 @@ class Publisher:
                 self._client.call(EVENTS_SERVICE, "Forward", request, Empty,
                                   timeout=FORWARD_TIMEOUT,
                                   metadata={NAMESPACE_KEY: self._namespace})
-                return
+                return attempt, True
             except (OSError, TTRPCError) as e:
                 # OSError (ConnectionClosedError too): containerd is away; a timeout: busy
                 away = isinstance(e, OSError) or getattr(e, "code", None) == Code.DEADLINE_EXCEEDED
@@ -99,5 +106,5 @@ class Publisher:
                     self._client = None
             if (time.time() - when >= RETRY_WINDOW) if away else attempt >= ATTEMPTS:
                 log.error("dropped event %s after %d attempts", topic, attempt)
-                return
+                return attempt, False
             time.sleep(min(attempt * 0.25, 1.0))

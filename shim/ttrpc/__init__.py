@@ -7,7 +7,7 @@ protos/shim/ttrpc/ttrpc.proto. Nothing here depends on the rest of `shim`.
 """
 
 from .client import Client, ConnectionClosedError
-from .errors import Code, TTRPCError, errdef
+from .errors import Code, TTRPCError
 from .server import Context, Handler, Server
 
-__all__ = ["Client", "Code", "ConnectionClosedError", "Context", "Handler", "Server", "TTRPCError", "errdef"]
+__all__ = ["Client", "Code", "ConnectionClosedError", "Context", "Handler", "Server", "TTRPCError"]

@@ -33,7 +33,7 @@ class ConnectionClosedError(TTRPCError, ConnectionError):
     def __init__(self, message: str = "ttrpc: closed") -> None:
         TTRPCError.__init__(self, Code.UNAVAILABLE, message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
         return (type(self), (self.message,))
 
 

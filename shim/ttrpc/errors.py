@@ -9,7 +9,7 @@ from google.protobuf.any_pb2 import Any
 
 from .ttrpc_pb2 import Status
 
-__all__ = ["Code", "TTRPCError", "errdef", "status_from_error", "error_from_status"]
+__all__ = ["Code", "TTRPCError", "status_from_error", "error_from_status"]
 
 
 class Code(enum.IntEnum):
@@ -54,31 +54,8 @@ class TTRPCError(Exception):
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.code.name}, {self.message!r})"
 
-    def __reduce__(self):  # keep picklable despite the extra __init__ arguments
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:  # keep picklable despite the extra __init__ arguments
         return (type(self), (self.code, self.message, self.details))
-
-
-# The text containerd's errdefs classes append to a message ("<cause>: <class>"),
-# for the classes containerd 1.6 maps back from a status (ttrpc.md §11).
-_CLASS_TEXT = {
-    Code.INVALID_ARGUMENT: "invalid argument",
-    Code.NOT_FOUND: "not found",
-    Code.ALREADY_EXISTS: "already exists",
-    Code.FAILED_PRECONDITION: "failed precondition",
-    Code.UNAVAILABLE: "unavailable",
-    Code.UNIMPLEMENTED: "not implemented",
-}
-
-
-def errdef(code: Code, cause: str = "") -> TTRPCError:
-    """An error worded like a Go errdefs error: errdef(NOT_FOUND, "container x") ->
-    "container x: not found". containerd strips and re-adds that suffix, so the
-    text users see is unchanged. Codes without a class text keep `cause` as is.
-    """
-    text = _CLASS_TEXT.get(code)
-    if text is None:
-        return TTRPCError(code, cause)
-    return TTRPCError(code, f"{cause}: {text}" if cause else text)
 
 
 def status_from_error(exc: TTRPCError) -> Status:

@@ -96,15 +96,20 @@ DEFAULT_LIMITS = Limits()
 class Context:
     """What a handler knows about its call besides the request message."""
 
-    __slots__ = ("service", "method", "metadata", "deadline")
+    __slots__ = ("service", "method", "metadata", "deadline", "stream_id", "after_reply")
 
     def __init__(
-        self, service: str, method: str, metadata: dict[str, list[str]], deadline: float | None
+        self, service: str, method: str, metadata: dict[str, list[str]], deadline: float | None,
+        stream_id: int = 0,
     ) -> None:
         self.service = service
         self.method = method
         self.metadata = metadata  # lowercased keys; a key may carry several values
         self.deadline = deadline  # time.monotonic() value, None without a timeout
+        self.stream_id = stream_id
+        # Called once the response has been written (or could not be), in the handler's
+        # thread: for what must happen only after the caller has its answer.
+        self.after_reply: list[Callable[[], None]] | None = None
 
     def time_remaining(self) -> float | None:
         """Seconds left before the caller's deadline (may be negative), None without one."""
@@ -200,12 +205,14 @@ class Server:
         self._warn_user = _Quiet("ttrpc: rejected a connection from uid/gid %s")
         self._warn_closed = _Quiet("ttrpc: closing connection: %s")
 
-    def register(self, service: str, methods: Mapping[str, _Method]) -> None:
+    def register(self, service: str, methods: Mapping[str, _Method], *, replace: bool = False) -> None:
         """Serve `methods` (name -> (request type, handler)) under `service`.
 
         The same handlers may be registered under several service names (task v2 and v3).
+        `replace` swaps the table of a registered service, also while serving: calls
+        already running finish with the old handlers, the next ones get the new.
         """
-        if service in self._services:
+        if service in self._services and not replace:
             raise ValueError(f"duplicate service {service} registered")
         self._services[service] = dict(methods)
 
@@ -662,7 +669,7 @@ class _Connection:
         metadata: dict[str, list[str]] = {}
         for kv in req.metadata:
             metadata.setdefault(kv.key.lower(), []).append(kv.value)
-        ctx = Context(req.service, req.method, metadata, deadline)
+        ctx = Context(req.service, req.method, metadata, deadline, sid)
         try:
             self._server._workers.run(self._call, sid, size, req.payload, req_type, handler, ctx)
         except RuntimeError as exc:  # can't start new thread
@@ -690,6 +697,9 @@ class _Connection:
                 self._write(frame)
             finally:
                 self._job_done(size, sid)
+            if ctx.after_reply:
+                for fn in ctx.after_reply:
+                    fn()
 
 
 def _invoke(payload: bytes, req_type: type[Message], handler: Handler, ctx: Context) -> bytes:

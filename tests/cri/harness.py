@@ -34,7 +34,8 @@ from cri.client import CriClient
 from e2e.harness import RUNC_V2_ROOT, TestContainerd, build_image
 
 REPO = Path(__file__).resolve().parents[2]
-SNIPPETS = {2: REPO / "runtime_config" / "containerd-1.x.toml", 3: REPO / "runtime_config" / "containerd-2.x.toml"}
+SNIPPETS = {2: REPO / "runtime_config" / "containerd-1.x.toml",
+            3: REPO / "runtime_config" / "containerd-2.x.toml"}
 CRI_NAMESPACE = "k8s.io"
 PAUSE_REF = "docker.io/pyshim/pause:test"
 PAUSE_ENTRYPOINT = ["/bin/sleep", "100000"]

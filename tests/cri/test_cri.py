@@ -9,7 +9,7 @@ import json
 import os
 import re
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 
 import grpc
 import psutil
@@ -143,7 +143,7 @@ def test_host_network_pod_sandbox_runs_under_the_shim(cri, cri_containerd, pod):
 @pytest.mark.parametrize("code, reason", [(0, "Completed"), (3, "Error")])
 def test_container_output_is_in_the_cri_log_and_its_exit_code_in_the_status(cri, cri_containerd, pod, code, reason):
     p = pod()
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     cid = run_container(cri, p, "c", ["sh", "-c", f"echo out-line; echo err-line >&2; echo out-2; exit {code}"])
     status = cri.wait_container_exited(cid)
     assert (status.exit_code, status.reason) == (code, reason)
@@ -158,7 +158,7 @@ def test_container_output_is_in_the_cri_log_and_its_exit_code_in_the_status(cri,
         ("stdout", "F", "out-line"), ("stdout", "F", "out-2")]
     assert [(stream, tag, text) for _, stream, tag, text in lines if stream == "stderr"] == [
         ("stderr", "F", "err-line")]
-    assert all(before <= when <= datetime.now(timezone.utc) for when, *_ in lines), lines
+    assert all(before <= when <= datetime.now(UTC) for when, *_ in lines), lines
 
     [listed] = cri.list_containers(p.id)
     assert (listed.id, listed.state, listed.metadata.name) == (cid, api.CONTAINER_EXITED, "c")

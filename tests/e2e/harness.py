@@ -9,6 +9,9 @@ Settings (environment):
     CONTAINERD_BIN         containerd binary (default: `containerd` on PATH)
     CTR_BIN                ctr binary (default: the `ctr` beside CONTAINERD_BIN, else on PATH)
     PYSHIM_TEST_LOG_LEVEL  containerd log level (default debug; the shim then gets -debug)
+    PYSHIM_SHIM_DIR        directory put first on containerd's PATH, holding the shim under test
+                           (default: this interpreter's bin directory, the development venv's);
+                           scripts/test.sh points it at a venv with the built wheel installed
 """
 import json
 import os
@@ -84,12 +87,18 @@ def settings():
         "containerd": containerd,
         "ctr": ctr,
         "log_level": os.environ.get("PYSHIM_TEST_LOG_LEVEL") or "debug",
+        "shim_dir": shim_dir(),
     }
 
 
+def shim_dir():
+    """Where containerd finds the shim under test: $PYSHIM_SHIM_DIR, else this venv's bin."""
+    return os.environ.get("PYSHIM_SHIM_DIR") or sysconfig.get_path("scripts")
+
+
 class TestContainerd(PrivateContainerd):
-    """The session's containerd: private dirs under `workdir`, its own namespace, PATH = the venv's
-    bin directory first (so it finds containerd-shim-pyshim-v1), the busybox image imported."""
+    """The session's containerd: private dirs under `workdir`, its own namespace, PATH = the shim's
+    directory first (shim_dir(): so it finds containerd-shim-pyshim-v1), the busybox image imported."""
 
     __test__ = False  # not a pytest test class
 
@@ -98,7 +107,7 @@ class TestContainerd(PrivateContainerd):
         # (<hierarchy>/<ns>/<id>) apart from every other containerd on the machine.
         # PATH: the venv's bin (the shim under test), then the directory of a containerd given by path,
         # so that a 1.7/2.x build finds its own containerd-shim-runc-v2 before the system's.
-        path_prefix = [sysconfig.get_path("scripts")] + ([str(Path(containerd).parent)] if "/" in containerd else [])
+        path_prefix = [shim_dir()] + ([str(Path(containerd).parent)] if "/" in containerd else [])
         super().__init__(workdir, containerd=containerd, ctr=ctr, path_prefix=path_prefix,
                          namespace="pyshim-test-" + uuid.uuid4().hex[:8], log_level=log_level, restartable=True)
         self.runtime = runtime
@@ -278,10 +287,16 @@ class TestContainerd(PrivateContainerd):
 
 def _is_idle_zygote(proc, subreaper_pid):
     try:
-        return (proc.cmdline()[-1:] == ["zygote"] and proc.ppid() == subreaper_pid
+        return (command_line(proc)[-1:] == ["zygote"] and proc.ppid() == subreaper_pid
                 and not proc.children())
     except psutil.NoSuchProcess:
         return True
+
+
+def command_line(proc):
+    """proc.cmdline() without the empty words of a command line rewritten in place (a
+    zygote's and its daemons' are, see shim/binary/zygote.py)."""
+    return [word for word in proc.cmdline() if word]
 
 
 def _kill_and_wait(procs, timeout=10.0):

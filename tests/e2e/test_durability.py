@@ -58,7 +58,8 @@ def test_containerd_restart_keeps_containers_running_and_their_output(containerd
         before = containerd.tasks()
         shims = {cid: shim_pid(containerd, cid) for cid in (to_file, to_fifo)}
         count_file = bundle(containerd, to_fifo) / "rootfs" / "count"
-        wait_until(lambda: len(numbers(log_file.read_text().splitlines())) >= 3, what="the counter writes to its log file")
+        wait_until(lambda: len(numbers(log_file.read_text().splitlines())) >= 3,
+                   what="the counter writes to its log file")
 
         with containerd.killed():
             lines_at_kill = len(log_file.read_text().splitlines())
@@ -111,7 +112,7 @@ def test_exit_while_containerd_is_down_reports_the_real_status(containerd, ctr):
             (bundle(containerd, natural) / "rootfs" / "stop").write_text("")
             os.kill(before[killed][0], signal.SIGKILL)
             for cid in (natural, killed):
-                wait_until(lambda: not alive(before[cid][0]), what=f"{cid} exits while containerd is down")
+                wait_until(lambda cid=cid: not alive(before[cid][0]), what=f"{cid} exits while containerd is down")
 
         after = containerd.tasks()
         if containerd.runtime != DEFAULT_RUNTIME and not after:

@@ -95,7 +95,7 @@ def test_shim_fds_are_the_same_after_100_execs(containerd, sleeper):
         run_exec(0)  # warm up: whatever the shim opens once (event connection, ...) is open now
         before = open_fds(shim_pid)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            failed = [n for n, ok in zip(range(100), pool.map(run_exec, range(100))) if not ok]
+            failed = [n for n, ok in zip(range(100), pool.map(run_exec, range(100)), strict=True) if not ok]
         if failed:
             xfail_unless_pyshim(containerd, f"lost the output of short execs {failed}")
         assert not failed, f"execs {failed} did not give their output and exit code"

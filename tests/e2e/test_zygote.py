@@ -6,6 +6,7 @@ import time
 import psutil
 import pytest
 
+from e2e.harness import command_line
 from e2e.shims import shim_pid, wait_until
 from shim.binary import zygote
 from shim.binary.address import is_live
@@ -16,7 +17,7 @@ def zygotes(containerd):
     found = []
     for proc in psutil.Process(containerd.process.pid).children():
         try:
-            if proc.cmdline()[-1:] == ["zygote"] and containerd.address in proc.cmdline():
+            if command_line(proc)[-1:] == ["zygote"] and containerd.address in proc.cmdline():
                 found.append(proc)
         except psutil.NoSuchProcess:
             pass
@@ -28,6 +29,13 @@ def the_zygote(containerd):
     wait_until(lambda: zygotes(containerd), what="a zygote")
     [z] = zygotes(containerd)
     return z
+
+
+def zygote_socket(proc):
+    """The socket a zygote listens on (named after the install it runs from)."""
+    [path] = [c.laddr for c in proc.net_connections(kind="unix")
+              if c.laddr.startswith(zygote.ZYGOTE_DIR + "/")]
+    return path
 
 
 def shim_of(containerd, cid):
@@ -70,11 +78,11 @@ def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
     wait_until(lambda: zygotes(containerd), what="a zygote")
     start_sleeper(containerd, ctr, cid)
     shim = shim_of(containerd, cid)
+    [killed_socket] = [zygote_socket(z) for z in zygotes(containerd)]
     for z in zygotes(containerd):
         z.kill()
         z.wait(5)
     assert shim.is_running()
-    killed_socket = zygote.socket_path(containerd.address)
     assert os.path.exists(killed_socket)  # a SIGKILLed zygote cannot remove it
     # The orphaned shim still serves its container: exec, then a clean stop.
     result = ctr("task", "exec", "--exec-id", "after", cid, "sh", "-c", "echo alive; exit 3")

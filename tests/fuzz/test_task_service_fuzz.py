@@ -6,7 +6,7 @@ exit is delivered (pending Waits return) and every container can be deleted, lea
 Unit level: runc is a Python fake (FakeRunc below) that records calls, fails when told to, and
 writes pid files with pids above the kernel's pid_max, so that no real process is ever signalled.
 Requests never carry stdio paths, a terminal or rootfs mounts: those touch the host, and are the
-confinement tests' subject. Known crash bugs are pinned by xfail tests at the end.
+confinement tests' subject. The inputs that once crashed a method are pinned by tests at the end.
 """
 import itertools
 import json
@@ -161,7 +161,7 @@ def request_for(draw, method, req_type, ids, bundles):
         "path": st.none(), "work_path": st.none(),
     }
     if method == "Checkpoint":
-        overrides["options"] = st.none()  # its option paths go to criu: see the xfail tests
+        overrides["options"] = st.none()  # its option paths go to criu: see the tests at the end
     return draw(messages(req_type, overrides=overrides))
 
 
@@ -246,10 +246,6 @@ def _clean_up(service, cid):
             time.sleep(0.02)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Kill of an exec passes the request's signal to os.kill and catches only "
-                          "ProcessLookupError: a signal number the kernel refuses (100, or "
-                          "4294967295: KillRequest.signal is a uint32) raises OSError(EINVAL)")
 @pytest.mark.parametrize("signal", [100, 4294967295])
 def test_kill_of_an_exec_with_an_invalid_signal(world, signal):
     child = subprocess.Popen(["sleep", "30"])  # the exec's process: os.kill needs a real one
@@ -268,9 +264,6 @@ def test_kill_of_an_exec_with_an_invalid_signal(world, signal):
         child.wait()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Exec's process spec is parsed with json.loads, and deep nesting raises "
-                          "RecursionError, which is not a ValueError")
 def test_exec_with_a_deeply_nested_spec(world):
     service, cid = _running_exec(world)
     try:
@@ -282,8 +275,6 @@ def test_exec_with_a_deeply_nested_spec(world):
         _clean_up(service, cid)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="Checkpoint decodes CheckpointOptions without catching DecodeError")
 def test_checkpoint_with_undecodable_options(world):
     service, cid = _running_exec(world)
     try:

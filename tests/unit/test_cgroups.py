@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from shim.linux import cgroups
+from shim.linux.cgroups import files
 from shim.api import cgroups_v1_pb2 as v1
 from shim.api import cgroups_v2_pb2 as v2
 from shim.linux.cgroups import (
@@ -148,9 +149,9 @@ def test_hugepage_size_names():
 def test_system_hugepage_sizes_smallest_first(tmp_path, monkeypatch):
     for name in ("hugepages-1048576kB", "hugepages-2048kB", "hugepages-64kB", "junk"):
         (tmp_path / name).mkdir()
-    monkeypatch.setattr(cgroups, "_hugepage_sizes", None)
+    monkeypatch.setattr(files, "_hugepage_sizes", None)
     assert cgroups.system_hugepage_sizes(str(tmp_path)) == ("64KB", "2MB", "1GB")
-    monkeypatch.setattr(cgroups, "_hugepage_sizes", None)  # don't leave the fake cached
+    monkeypatch.setattr(files, "_hugepage_sizes", None)  # don't leave the fake cached
 
 
 # -- v1 metrics -------------------------------------------------------------------

@@ -66,3 +66,10 @@ def test_runc_config_is_checked_and_immutable():
         RuncConfig(systemd_cgroup="yes")
     with pytest.raises(AttributeError):
         RuncConfig().binary = "crun"
+
+
+def test_pyshim_trace_keys_in_the_options_table():
+    body = b'PyshimTrace = "/var/log/pyshim.jsonl"\nPyshimTraceDir = "/run/t"\nBinaryName = "crun"\n'
+    got = options.decode("runtimeoptions.v1.Options", RuntimeOptions(config_body=body).SerializeToString(), "t")
+    assert (got.trace, got.trace_dir, got.runc.binary) == ("/var/log/pyshim.jsonl", "/run/t", "crun")
+    assert options.DEFAULT.trace == ""

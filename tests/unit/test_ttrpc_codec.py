@@ -5,7 +5,7 @@ import struct
 import pytest
 from google.protobuf import wrappers_pb2
 
-from shim.ttrpc import Code, TTRPCError, codec, errdef
+from shim.ttrpc import Code, TTRPCError, codec
 from shim.ttrpc.codec import (
     DATA,
     MAX_DATA_SIZE,
@@ -180,9 +180,3 @@ def test_status_round_trip():
 
 def test_unknown_code_maps_to_unknown():
     assert TTRPCError(99, "future").code is Code.UNKNOWN
-
-
-def test_errdef_wording():
-    assert errdef(Code.NOT_FOUND, "container abc").message == "container abc: not found"
-    assert errdef(Code.UNIMPLEMENTED).message == "not implemented"
-    assert errdef(Code.INTERNAL, "boom").message == "boom"

@@ -21,7 +21,6 @@ from shim.ttrpc import (
     Server,
     TTRPCError,
     codec,
-    errdef,
 )
 from shim.ttrpc.codec import REQUEST, RESPONSE, Decoder, Frame, encode_frame
 from shim.ttrpc.server import Limits, _Workers
@@ -61,7 +60,7 @@ class Handlers:
         raise ValueError("boom")
 
     def not_found(self, req: Empty, ctx: Context) -> Empty:
-        raise errdef(Code.NOT_FOUND, "container abc")
+        raise TTRPCError(Code.NOT_FOUND, "container abc: not found")
 
     def context(self, req: Empty, ctx: Context) -> StringValue:
         remaining = ctx.time_remaining()
@@ -72,6 +71,7 @@ class Handlers:
                     "method": ctx.method,
                     "metadata": ctx.metadata,
                     "remaining": remaining,
+                    "stream": ctx.stream_id,
                 }
             )
         )
@@ -626,3 +626,51 @@ def test_idle_handler_threads_end():
         time.sleep(0.01)
     assert not any(t.is_alive() for t in ours)
     assert workers._waiting == 0
+
+
+def test_context_names_the_stream(raw):
+    for sid in (1, 7):
+        raw.request(sid, SERVICE, "Context")
+        got_sid, resp = raw.response()
+        assert got_sid == sid
+        assert json.loads(StringValue.FromString(resp.payload).value)["stream"] == sid
+
+
+def test_after_reply_runs_once_the_answer_is_out(sockdir):
+    seen: list[str] = []
+    answered = threading.Event()
+    client_got = threading.Event()
+
+    def handler(req: Empty, ctx: Context) -> Empty:
+        def after() -> None:
+            # The client has the response before this runs.
+            seen.append("after:" + ("answered" if client_got.wait(5) else "not answered"))
+            answered.set()
+        ctx.after_reply = [after]
+        return Empty()
+
+    server = Server()
+    server.register(SERVICE, {"After": (Empty, handler)})
+    path = os.path.join(sockdir, "a.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    t = threading.Thread(target=server.serve, args=(listener,), daemon=True)
+    t.start()
+    c = Client(path)
+    try:
+        c.call(SERVICE, "After", Empty(), Empty)
+        client_got.set()
+        assert answered.wait(5) and seen == ["after:answered"]
+    finally:
+        c.close()
+        server.shutdown()
+        t.join(5)
+
+
+def test_register_replace_swaps_the_table_while_serving(running, client):
+    with pytest.raises(ValueError):
+        running.server.register(SERVICE, {})
+    running.server.register(SERVICE, {"Echo": (StringValue, lambda req, ctx: StringValue(value="new"))},
+                            replace=True)
+    assert client.call(SERVICE, "Echo", StringValue(value="x"), StringValue).value == "new"
