@@ -164,8 +164,8 @@ def fuzz_round(path, service, cid, rnd):
         s.close()
     for _ in range(10):
         s = connect(path)
-        send_quietly(s, struct.pack(">IIBB", rnd.randrange(0, 64), rnd.randrange(1 << 32), rnd.choice((0, 4, 0x7f, 0xff)), 0)
-                     + rnd.randbytes(64))
+        header = struct.pack(">IIBB", rnd.randrange(0, 64), rnd.randrange(1 << 32), rnd.choice((0, 4, 0x7F, 0xFF)), 0)
+        send_quietly(s, header + rnd.randbytes(64))
         s.close()
     # malformed frames on one connection: even ids, reused ids, Data and Response frames, flags
     s = connect(path)

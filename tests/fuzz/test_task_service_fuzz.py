@@ -129,7 +129,7 @@ def call(service, method, request):
     def run():
         try:
             result["response"] = handler(request, CTX)
-        except BaseException as exc:  # noqa: BLE001: what escapes is what the test looks at
+        except BaseException as exc:  # noqa: BLE001 (what escapes is what the test looks at)
             result["error"] = exc
 
     thread = threading.Thread(target=run, daemon=True)
