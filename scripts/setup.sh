@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what the demo and the tests need, and only what is missing:
-#   - Debian packages: containerd (with ctr), runc, criu, crun, busybox-static, procps, python3-venv;
+#   - Debian packages: containerd (with ctr), runc, criu, crun, busybox-static, procps, iproute2 (ss),
+#     python3-venv;
 #   - the virtual environment .venv with pyshim installed editable, with its test and dev extras
 #     (re-installed when pyproject.toml changes).
 # Idempotent, non-interactive, quiet unless something fails. Needs root for apt-get.
@@ -16,7 +17,7 @@ quietly() {  # run a command; show its output only if it fails
 installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
 
 missing=()
-for pkg in containerd runc criu crun busybox-static procps; do
+for pkg in containerd runc criu crun busybox-static procps iproute2; do
   installed "$pkg" || missing+=("$pkg")
 done
 # The shim runs on Debian's own python3 unless PYSHIM_PYTHON names another: a PGO/LTO build

@@ -31,7 +31,8 @@ def feed_all(decoder, pieces):
     return events
 
 
-@given(st.binary(max_size=2000), st.lists(st.integers(0, 4000), max_size=8), st.sampled_from([SMALL_MAX, codec.MAX_DATA_SIZE]))
+@given(st.binary(max_size=2000), st.lists(st.integers(0, 4000), max_size=8),
+       st.sampled_from([SMALL_MAX, codec.MAX_DATA_SIZE]))
 @example(b"\x00\x00\x00\x00\x00\x00\x00\x01\x99\x00", [], SMALL_MAX)  # unknown type
 @example(struct.pack(">IIBB", 0xFFFFFFFF, 1, 1, 0) + b"x" * 100, [3, 11], SMALL_MAX)  # 4 GiB declared
 @example(b"\x00\x00\x00", [1, 2], codec.MAX_DATA_SIZE)  # half a header

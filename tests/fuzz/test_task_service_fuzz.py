@@ -129,7 +129,7 @@ def call(service, method, request):
     def run():
         try:
             result["response"] = handler(request, CTX)
-        except BaseException as exc:  # noqa: BLE001: what escapes is what the test looks at
+        except BaseException as exc:  # noqa: BLE001 (what escapes is what the test looks at)
             result["error"] = exc
 
     thread = threading.Thread(target=run, daemon=True)
@@ -206,15 +206,13 @@ def test_task_methods_on_fuzzed_requests_fail_only_with_ttrpc_errors(world, data
         if container is None:
             continue
         deadline = time.monotonic() + 5
-        for exec_id in list(container.execs):
-            result, _ = call(service, "Delete", task_pb2.DeleteRequest(id=cid, exec_id=exec_id))
-            assert "response" in result, f"delete exec {exec_id}: {result}"
-        while True:
-            result, _ = call(service, "Delete", task_pb2.DeleteRequest(id=cid))
-            if "response" in result or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)  # the exit is processed on the service's exit thread
-        assert "response" in result, f"delete {cid}: {result}"
+        for exec_id in [*container.execs, ""]:  # the execs, then the init
+            while True:
+                result, _ = call(service, "Delete", task_pb2.DeleteRequest(id=cid, exec_id=exec_id))
+                if "response" in result or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)  # exits are processed on the service's exit thread
+            assert "response" in result, f"delete {cid} exec {exec_id!r}: {result}"
         result, _ = call(service, "State", task_pb2.StateRequest(id=cid))
         assert isinstance(result.get("error"), TTRPCError) and result["error"].code == Code.NOT_FOUND
 

@@ -18,9 +18,12 @@ from shim.binary.address import listen
 from shim.ttrpc import Client, Code, Server, codec
 from shim.ttrpc.codec import REQUEST
 from shim.ttrpc.server import Limits
-from test_ttrpc_server import SERVICE, Handlers, Raw, Running, running, sockdir  # noqa: F401 (fixtures)
+import test_ttrpc_server
+from test_ttrpc_server import SERVICE, Handlers, Raw, Running
 
 StringValue = wrappers_pb2.StringValue
+sockdir = test_ttrpc_server.sockdir  # the fixtures of the server's tests, shared
+running = test_ttrpc_server.running
 
 
 def served(path, text="ok", timeout=5.0):
