@@ -38,9 +38,15 @@ def wheel_bin(tmp_path_factory):
 
 
 @pytest.fixture
-def pyshim_only(containerd):
+def pyshim_only(containerd, wheel_bin):
     if containerd.runtime != "io.containerd.pyshim.v1":
         pytest.skip("tests pyshim's install")
+    yield
+    # The wheel's zygote stays idle for a while: not beside the next tests' own.
+    socket = zygote_socket(interpreter(str(wheel_bin / launcher.NAME)), containerd.address)
+    for z in zygotes_of(containerd, socket):
+        z.kill()
+        z.wait(5)
 
 
 def zygotes_of(containerd, socket):
