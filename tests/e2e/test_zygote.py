@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 from e2e.harness import command_line
-from e2e.shims import shim_pid, wait_until
+from e2e.shims import ZYGOTE_PREPARE_SECONDS as PREPARE_SECONDS, shim_pid, wait_until
 from shim.binary import zygote
 from shim.binary.address import is_live
 
@@ -29,6 +29,14 @@ def the_zygote(containerd):
     wait_until(lambda: zygotes(containerd), what="a zygote")
     [z] = zygotes(containerd)
     return z
+
+
+def serving(proc):
+    """Whether a zygote listens yet (it binds its socket once it has imported everything)."""
+    try:
+        return any(c.laddr.startswith(zygote.ZYGOTE_DIR + "/") for c in proc.net_connections(kind="unix"))
+    except psutil.NoSuchProcess:
+        return True  # gone: nothing to wait for
 
 
 def zygote_socket(proc):
@@ -91,7 +99,8 @@ def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
     assert run("echo", "next").stdout == "next\n"  # and new containers still start
     # ...and the next zygote takes over the address (the dead socket is replaced).
     z = the_zygote(containerd)
-    assert is_live(killed_socket, socket.SOCK_SEQPACKET)
+    wait_until(lambda: is_live(killed_socket, socket.SOCK_SEQPACKET), PREPARE_SECONDS, "the new zygote serving")
+    assert zygote_socket(z) == killed_socket
 
 
 def test_a_new_zygote_removes_dead_zygote_sockets(pyshim_only, containerd, run, tmp_path):
@@ -109,6 +118,10 @@ def test_a_new_zygote_removes_dead_zygote_sockets(pyshim_only, containerd, run, 
 
 def test_an_idle_zygote_exits_on_its_own(pyshim_only, containerd, run):
     assert run("true").rc == 0
+    # Its idle time counts from when it serves: on a loaded machine, getting ready (imports,
+    # rehearsal) alone can take longer than IDLE_SECONDS.
+    for z in zygotes(containerd):
+        wait_until(lambda: serving(z), PREPARE_SECONDS, "the zygote serving")
     wait_until(lambda: not zygotes(containerd), zygote.IDLE_SECONDS + 5, "the idle zygote gone")
 
 
