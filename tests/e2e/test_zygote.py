@@ -25,9 +25,10 @@ def zygotes(containerd):
 
 
 def the_zygote(containerd):
-    """This containerd's one zygote, once there is one (a start may still be spawning it)."""
+    """This containerd's one zygote, once it serves (a start may still be spawning it)."""
     wait_until(lambda: zygotes(containerd), what="a zygote")
     [z] = zygotes(containerd)
+    wait_until(lambda: serving(z), PREPARE_SECONDS, "the zygote serving")
     return z
 
 
