@@ -248,11 +248,14 @@ def serve(containerd_address: str) -> None:
             if not ready and not is_live(containerd_address):
                 return  # its containerd is gone (stopped, or restarting: a start respawns it)
             if sock.fileno() in ready:
-                last_activity = time.monotonic()
                 pid = _fork_daemon(sock, (wake_r, wake_w), containerd_address,
                                    preloaded)
                 if pid:
                     children.add(pid)
+                    # Only a daemon counts as activity: every new zygote on the machine
+                    # probes the others' sockets (_remove_dead_sockets) with an empty
+                    # connection, which must not keep an idle zygote alive.
+                    last_activity = time.monotonic()
             elif not children and time.monotonic() - last_activity > IDLE_SECONDS:
                 return
     finally:
@@ -317,7 +320,8 @@ def _remove_dead_sockets(own: str) -> None:
     from shim.binary.address import is_live
     for name in os.listdir(ZYGOTE_DIR):
         path = os.path.join(ZYGOTE_DIR, name)
-        if path != own and name.startswith("zygote-") and not is_live(path, socket.SOCK_SEQPACKET):
+        if (path != own and name.startswith("zygote-") and name.endswith(".sock")
+                and not is_live(path, socket.SOCK_SEQPACKET)):
             try:
                 os.unlink(path)
             except OSError:

@@ -53,6 +53,10 @@ def alive(pid):
         return False
 
 
+# How long a zygote may take to get ready (imports, rehearsal) on a loaded test machine.
+ZYGOTE_PREPARE_SECONDS = 60
+
+
 def wait_until(condition, timeout=10.0, what="condition"):
     """Poll `condition()` until it is true; AssertionError naming `what` after `timeout` s."""
     deadline = time.monotonic() + timeout

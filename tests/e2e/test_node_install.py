@@ -6,7 +6,8 @@ and 1.6 needs to load CRI)."""
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
+
+import psutil
 
 from e2e import harness
 from private_containerd import PrivateContainerd
@@ -90,4 +91,10 @@ def test_install_check_uninstall_against_a_private_containerd(tmp_path):
         assert "has no CRI runtime handler 'pyshim'" in out
         assert "was started before its config changed: restart it" in out
     finally:
+        # The check's container left an idle zygote, which goes by itself 5 s after it is ready:
+        # no need to wait for that here (test_zygote.py does).
+        for proc in psutil.Process(node.process.pid).children() if node.process else []:
+            if harness.command_line(proc)[-1:] == ["zygote"] and node.address in proc.cmdline():
+                proc.kill()
+                proc.wait(5)
         node.shutdown()  # raises if the check's container (or anything else) was left behind

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from e2e.harness import command_line
-from e2e.shims import wait_until
+from e2e.shims import ZYGOTE_PREPARE_SECONDS as PREPARE_SECONDS, wait_until
 from shim.binary import launcher
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,9 +38,15 @@ def wheel_bin(tmp_path_factory):
 
 
 @pytest.fixture
-def pyshim_only(containerd):
+def pyshim_only(containerd, wheel_bin):
     if containerd.runtime != "io.containerd.pyshim.v1":
         pytest.skip("tests pyshim's install")
+    yield
+    # The wheel's zygote stays idle for a while: not beside the next tests' own.
+    socket = zygote_socket(interpreter(str(wheel_bin / launcher.NAME)), containerd.address)
+    for z in zygotes_of(containerd, socket):
+        z.kill()
+        z.wait(5)
 
 
 def zygotes_of(containerd, socket):
@@ -91,7 +97,7 @@ def test_a_shim_from_a_built_wheel_starts_a_zygote(pyshim_only, containerd, ctr,
     result = ctr("run", "--rm", "--runtime", shim, containerd.image, first, "echo", "from the wheel")
     assert (result.rc, result.stdout) == (0, "from the wheel\n"), result.stderr
     assert launcher.is_launcher(shim)  # whichever script pip wrote, it is the fast launcher now
-    wait_until(lambda: zygotes_of(containerd, socket), 15, "a zygote of the wheel's install")
+    wait_until(lambda: zygotes_of(containerd, socket), PREPARE_SECONDS, "a zygote of the wheel's install")
     [z] = zygotes_of(containerd, socket)
     assert command_line(z) == [launcher.NAME, "-address", containerd.address, "zygote"]
     # ...and it serves: the next container's daemon is its child.
@@ -124,7 +130,7 @@ def test_a_zygote_that_cannot_start_says_so_in_the_log(pyshim_only, containerd, 
     try:
         result = ctr("run", "--rm", "--runtime", shim, containerd.image, containerd.new_id("nozygote"), "true")
         assert result.rc == 0, result.stderr
-        wait_until(lambda: os.path.exists(socket + ".failed") or logged(containerd, offset), 30,
+        wait_until(lambda: os.path.exists(socket + ".failed") or logged(containerd, offset), PREPARE_SECONDS,
                    "the zygote's failure recorded")
         result = ctr("run", "--rm", "--runtime", shim, containerd.image, containerd.new_id("nozygote"), "true")
         assert result.rc == 0, result.stderr
@@ -136,5 +142,5 @@ def test_a_zygote_that_cannot_start_says_so_in_the_log(pyshim_only, containerd, 
     assert not zygotes_of(containerd, socket)
     # The next zygote (the module is back) starts, and clears the record.
     assert ctr("run", "--rm", "--runtime", shim, containerd.image, containerd.new_id("zygote"), "true").rc == 0
-    wait_until(lambda: zygotes_of(containerd, socket), 30, "a zygote again")
+    wait_until(lambda: zygotes_of(containerd, socket), PREPARE_SECONDS, "a zygote again")
     wait_until(lambda: not os.path.exists(socket + ".failed"), 10, "the failure record cleared")

@@ -8,7 +8,7 @@ import psutil
 import pytest
 
 from e2e.harness import command_line, shim_dir
-from e2e.shims import shim_pid, wait_until
+from e2e.shims import ZYGOTE_PREPARE_SECONDS as PREPARE_SECONDS, shim_pid, wait_until
 from shim.binary import launcher, zygote
 from shim.binary.address import is_live
 
@@ -39,10 +39,19 @@ def zygotes(containerd):
 
 
 def the_zygote(containerd):
-    """This containerd's one zygote, once there is one (a start may still be spawning it)."""
+    """This containerd's one zygote, once it serves (a start may still be spawning it)."""
     wait_until(lambda: zygotes(containerd), what="a zygote")
     [z] = zygotes(containerd)
+    wait_until(lambda: serving(z), PREPARE_SECONDS, "the zygote serving")
     return z
+
+
+def serving(proc):
+    """Whether a zygote listens yet (it binds its socket once it has imported everything)."""
+    try:
+        return any(c.laddr.startswith(zygote.ZYGOTE_DIR + "/") for c in proc.net_connections(kind="unix"))
+    except psutil.NoSuchProcess:
+        return True  # gone: nothing to wait for
 
 
 def zygote_socket(proc):
@@ -105,7 +114,8 @@ def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
     assert run("echo", "next").stdout == "next\n"  # and new containers still start
     # ...and the next zygote takes over the address (the dead socket is replaced).
     z = the_zygote(containerd)
-    assert is_live(killed_socket, socket.SOCK_SEQPACKET)
+    wait_until(lambda: is_live(killed_socket, socket.SOCK_SEQPACKET), PREPARE_SECONDS, "the new zygote serving")
+    assert zygote_socket(z) == killed_socket
 
 
 def test_a_new_zygote_removes_dead_zygote_sockets(pyshim_only, containerd, run, tmp_path):
@@ -123,9 +133,11 @@ def test_a_new_zygote_removes_dead_zygote_sockets(pyshim_only, containerd, run, 
 
 def test_an_idle_zygote_exits_on_its_own(pyshim_only, containerd, run):
     assert run("true").rc == 0
-    # Idle counts from when it serves: a zygote still warming up on a busy machine is not idle
-    # yet, so the bound leaves room for its preparation beside the idle time itself.
-    wait_until(lambda: not zygotes(containerd), zygote.IDLE_SECONDS + 25, "the idle zygote gone")
+    # Its idle time counts from when it serves: on a loaded machine, getting ready (imports,
+    # rehearsal) alone can take longer than IDLE_SECONDS.
+    for z in zygotes(containerd):
+        wait_until(lambda: serving(z), PREPARE_SECONDS, "the zygote serving")
+    wait_until(lambda: not zygotes(containerd), zygote.IDLE_SECONDS + 5, "the idle zygote gone")
 
 
 def test_the_zygote_goes_with_its_containerd(pyshim_only, containerd, ctr, run, cid):
