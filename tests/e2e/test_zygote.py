@@ -42,8 +42,9 @@ def serving(proc):
 
 def zygote_socket(proc):
     """The socket a zygote listens on (named after the install it runs from)."""
-    [path] = [c.laddr for c in proc.net_connections(kind="unix")
-              if c.laddr.startswith(zygote.ZYGOTE_DIR + "/")]
+    # A set: a connection it has accepted has the same local address.
+    [path] = {c.laddr for c in proc.net_connections(kind="unix")
+              if c.laddr.startswith(zygote.ZYGOTE_DIR + "/")}
     return path
 
 
