@@ -93,7 +93,7 @@ def report(level: str, msg: str, fd: int | None = None, **fields: str) -> None:
     record = logging.LogRecord("shim", logging.getLevelName(level.upper()), "", 0, msg, None, None)
     line = LogrusFormatter({"runtime": RUNTIME, **fields}).format(record).encode(errors="replace")
     own = fd is None
-    if own:
+    if fd is None:
         fd = open_log_fifo()
         if fd is None:
             return

@@ -268,7 +268,7 @@ def serve(containerd_address: str) -> None:
         sock.close()
 
 
-def _prepare(containerd_address: str):
+def _prepare(containerd_address: str) -> tuple[socket.socket, str, frozenset[str], tuple[int, int]] | None:
     """Import, bind and warm up; None if another zygote already serves the address."""
     import gc
     import importlib

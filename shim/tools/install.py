@@ -342,6 +342,7 @@ def _environ_path(pid: int) -> str | None:
 
 
 def _test_container(plan: Plan, ctr: list[str], report: Report) -> None:
+    assert plan.image is not None  # --check runs a test container only when given an image
     cid = f"pyshim-check-{uuid.uuid4().hex[:8]}"
     ctr = ctr + ["--namespace", plan.namespace]
     result = _run(ctr + ["run", "-d", "--runtime", plan.shim, plan.image, cid])
@@ -364,7 +365,8 @@ def _test_container(plan: Plan, ctr: list[str], report: Report) -> None:
     finally:
         _run(ctr + ["task", "kill", "--signal", "SIGKILL", cid])
         for _ in range(50):
-            if _run(ctr + ["task", "rm", cid]).returncode == 0 or not _run(ctr + ["task", "ls", "-q"]).stdout.count(cid):
+            removed = _run(ctr + ["task", "rm", cid]).returncode == 0
+            if removed or cid not in _run(ctr + ["task", "ls", "-q"]).stdout:
                 break
             time.sleep(0.1)
         _run(ctr + ["container", "rm", cid])
@@ -387,10 +389,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"where the shim goes, on containerd's PATH (default {DEFAULT_BIN_DIR})")
     parser.add_argument("--no-bin", action="store_true",
                         help="put no shim anywhere: containerd runs this installation's own (runtime_path)")
-    parser.add_argument("--manifest", help="the RuntimeClass manifest (default: pyshim-runtimeclass.yaml beside --config)")
+    parser.add_argument("--manifest",
+                        help="the RuntimeClass manifest (default: pyshim-runtimeclass.yaml beside --config)")
     parser.add_argument("--containerd", default="containerd", help="containerd binary (default: on PATH)")
     parser.add_argument("--ctr", help="ctr binary (default: beside --containerd, else on PATH)")
-    parser.add_argument("--address", default=DEFAULT_ADDRESS, help=f"containerd's socket, for --check (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--address", default=DEFAULT_ADDRESS,
+                        help=f"containerd's socket, for --check (default {DEFAULT_ADDRESS})")
     parser.add_argument("--namespace", default="default", help="namespace of --check's test container")
     parser.add_argument("--image", help="--check: run a test container of this image (must be in --namespace)")
     parser.add_argument("--handler", default="pyshim", help="the CRI runtime handler's name (default pyshim)")

@@ -137,7 +137,7 @@ def test_an_idle_zygote_exits_on_its_own(pyshim_only, containerd, run):
     # Its idle time counts from when it serves: on a loaded machine, getting ready (imports,
     # rehearsal) alone can take longer than IDLE_SECONDS.
     for z in zygotes(containerd):
-        wait_until(lambda: serving(z), PREPARE_SECONDS, "the zygote serving")
+        wait_until(lambda z=z: serving(z), PREPARE_SECONDS, "the zygote serving")
     wait_until(lambda: not zygotes(containerd), zygote.IDLE_SECONDS + 5, "the idle zygote gone")
 
 

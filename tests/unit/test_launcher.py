@@ -31,8 +31,9 @@ def test_the_console_script_replaces_itself_and_the_launcher_runs_isolated(tmp_p
     first = path.read_text().splitlines()[0]
     assert first == f"#!{sys.executable} -IS"
     # The launcher imports shim and protobuf without site, from where they are installed.
-    probe = path.read_text().replace("from shim.binary.cli import run\nrun()\n",
-                                     "import sys, google.protobuf, shim\nprint(sys.flags.no_site, 'site' in sys.modules)\n")
+    probe = path.read_text().replace(
+        "from shim.binary.cli import run\nrun()\n",
+        "import sys, google.protobuf, shim\nprint(sys.flags.no_site, 'site' in sys.modules)\n")
     (tmp_path / "probe").write_text(probe)
     assert subprocess.run([sys.executable, "-IS", str(tmp_path / "probe")], capture_output=True, text=True,
                           check=True).stdout == "1 False\n"
