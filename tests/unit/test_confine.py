@@ -104,6 +104,16 @@ def test_stdio_that_is_not_a_fifo_is_refused(place, field, value, why):
     assert message.startswith(f"{field} ") and why in message, message
 
 
+def test_with_a_terminal_the_stderr_fifo_is_not_looked_at(place):
+    """containerd's client names a stderr FIFO for a terminal but never makes it (the terminal
+    carries both streams): TestContainerPTY of its own suite sends exactly that."""
+    tmp_path, parent = place
+    missing = f"{tmp_path}/missing-stderr"
+    confine.check_create(create(tmp_path, parent, terminal=True, stderr=missing), parent)
+    confine.check_exec(pb.ExecProcessRequest(id="c1", exec_id="e", terminal=True, stderr=missing))
+    refused(confine.check_create, create(tmp_path, parent, stderr=missing), parent)  # not without one
+
+
 @pytest.mark.parametrize("uri, why", [
     ("file:///proc/sys/kernel/core_pattern", "pseudo-filesystem"),
     ("file:///sys/kernel/notes", "pseudo-filesystem"),
