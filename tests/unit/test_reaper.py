@@ -50,8 +50,11 @@ class Exits:
 def children() -> set[int]:
     pids: set[int] = set()
     for tid in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{tid}/children") as f:
-            pids.update(int(p) for p in f.read().split())
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+        except FileNotFoundError:  # a thread that ended since the listing has no children left
+            pass
     return pids
 
 
