@@ -263,18 +263,21 @@ def test_hung_runc_ends_with_the_callers_deadline(containerd, ctr, cid, faulty, 
 
 @pytest.fixture
 def small_tmpfs():
-    """mount(kind, path): a 1 MiB tmpfs at `path` (made if missing); unmounted afterwards."""
+    """mount(path, remove=False): a 1 MiB tmpfs at `path` (made if missing); unmounted
+    afterwards, and with `remove` the directory removed too."""
     mounted = []
 
-    def mount(path):
+    def mount(path, remove=False):
         path.mkdir(parents=True, exist_ok=True)
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0711", "pyshim-fault", str(path)], check=True)
-        mounted.append(path)
+        mounted.append((path, remove))
         return path
 
     yield mount
-    for path in reversed(mounted):
+    for path, remove in reversed(mounted):
         subprocess.run(["umount", "-l", str(path)], check=False)
+        if remove:
+            os.rmdir(path)
 
 
 def fill(directory):
@@ -292,7 +295,7 @@ def fill(directory):
 def test_runc_state_dir_full_or_read_only(containerd, ctr, cid, tmp_path, small_tmpfs, fault):
     """runc's state dir (the Root option) cannot be written: Create fails with runc's reason,
     and nothing is left (no shim, no mount, no process, no state)."""
-    root = small_tmpfs(Path(tempfile.mkdtemp(prefix="pyshim-fault-root-", dir="/run")))
+    root = small_tmpfs(Path(tempfile.mkdtemp(prefix="pyshim-fault-root-", dir="/run")), remove=True)
     if fault == "full":
         fill(root)
     else:
@@ -306,7 +309,6 @@ def test_runc_state_dir_full_or_read_only(containerd, ctr, cid, tmp_path, small_
     assert "create" in result.stderr and any(r in result.stderr.lower() for r in reasons), result.stderr
     ctr("container", "rm", cid)
     assert not list((root).glob("*/*")), "runc state left"
-    os.rmdir(root) if not os.path.ismount(root) else None
 
 
 def test_bundle_dir_full_while_running(containerd, ctr, cid, small_tmpfs):
