@@ -264,7 +264,7 @@ def test_hung_runc_ends_with_the_callers_deadline(containerd, ctr, cid, faulty, 
 @pytest.fixture
 def small_tmpfs():
     """mount(path, remove=False): a 1 MiB tmpfs at `path` (made if missing); unmounted
-    afterwards, and with `remove` the directory removed too."""
+    afterwards, and with `remove` its directory removed too."""
     mounted = []
 
     def mount(path, remove=False):
@@ -274,9 +274,9 @@ def small_tmpfs():
         return path
 
     yield mount
-    for path, remove in reversed(mounted):
+    for path, owned in reversed(mounted):
         subprocess.run(["umount", "-l", str(path)], check=False)
-        if remove:
+        if owned:
             os.rmdir(path)
 
 
