@@ -292,10 +292,11 @@ class Bench:
 
     def reaped(self, before: dict[int, str], timeout: float = 5.0) -> None:
         """Wait until every process that was not below the subreaper `before` has been reaped,
-        but a new pyshim zygote (which stays for the next start), so that its time is counted."""
+        but a new pyshim zygote and its spare (which stay for the next start), so that its time
+        is counted."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if all(pid in before or args.endswith(" zygote")
+            if all(pid in before or args.endswith((" zygote", " spare"))
                    for pid, args in self.below_subreaper().items()):
                 return
             time.sleep(0.01)

@@ -16,6 +16,14 @@ Nothing depends on the zygote staying alive:
     IDLE_SECONDS, as soon as the installed code changes under it, and when its
     containerd no longer listens.
 Only a peer with the zygote's own uid is served; the socket is an owner-only file.
+
+The fork itself is not on the critical path either: the zygote keeps one daemon forked
+ahead, a spare, that waits for its container's request on a socket pair. A `start`'s
+request (and its listening socket) goes to the spare, which becomes that container's
+daemon, and the zygote forks the next spare a moment later, once that daemon is up. A
+spare serves nobody until then, and exits when the zygote's end of the pair closes (the
+zygote exited, or was killed). With no spare ready (two starts at once), the zygote
+forks the daemon for the request itself.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ if TYPE_CHECKING:
 
 ZYGOTE_DIR = "/run/pyshim"
 IDLE_SECONDS = 5.0
+# After a hand-off, the next spare waits this long: its fork and start-up would compete
+# for the CPU with the daemon that just took the request, and containerd's Create.
+SPARE_DELAY = 0.05
 MAX_REQUEST = 1 << 20
 DISABLE_ENV = "PYSHIM_NO_ZYGOTE"
 
@@ -221,12 +232,17 @@ def serve(containerd_address: str) -> None:
 
     children: set[int] = set()
     last_activity = time.monotonic()
+    spare: _Spare | None = None
+    refill_at: float | None = last_activity  # when to fork the next spare
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
     try:
         while True:
-            ready = {fd for fd, _ in poller.poll(1000)}
+            timeout = 1000
+            if refill_at is not None:
+                timeout = max(0, min(timeout, int((refill_at - time.monotonic()) * 1000) + 1))
+            ready = {fd for fd, _ in poller.poll(timeout)}
             if wake_r in ready:
                 try:
                     while os.read(wake_r, 512):
@@ -241,6 +257,10 @@ def serve(containerd_address: str) -> None:
                     break
                 if pid == 0:
                     break
+                if spare is not None and pid == spare.pid:  # killed, or its fork failed
+                    spare.close()
+                    spare, refill_at = None, time.monotonic() + IDLE_SECONDS
+                    continue
                 children.discard(pid)
                 last_activity = time.monotonic()
             if _code_stamp() != stamp:
@@ -248,8 +268,12 @@ def serve(containerd_address: str) -> None:
             if not ready and not is_live(containerd_address):
                 return  # its containerd is gone (stopped, or restarting: a start respawns it)
             if sock.fileno() in ready:
-                pid = _fork_daemon(sock, (wake_r, wake_w), containerd_address,
-                                   preloaded)
+                pid, spare_used = _fork_daemon(sock, (wake_r, wake_w), containerd_address,
+                                               preloaded, spare)
+                if spare_used:
+                    assert spare is not None
+                    spare.close()
+                    spare, refill_at = None, time.monotonic() + SPARE_DELAY
                 if pid:
                     children.add(pid)
                     # Only a daemon counts as activity: every new zygote on the machine
@@ -258,7 +282,12 @@ def serve(containerd_address: str) -> None:
                     last_activity = time.monotonic()
             elif not children and time.monotonic() - last_activity > IDLE_SECONDS:
                 return
+            elif refill_at is not None and time.monotonic() >= refill_at:
+                refill_at = None
+                spare = _fork_spare(sock, (wake_r, wake_w), containerd_address, preloaded)
     finally:
+        if spare is not None:
+            spare.close()  # it sees the end of its pair, and exits
         # Unlink before closing: once the name is gone no start can reach this zygote,
         # and a new zygote's socket cannot be bound under it yet.
         try:
@@ -328,9 +357,70 @@ def _remove_dead_sockets(own: str) -> None:
                 pass
 
 
+class _Spare:
+    """A daemon forked ahead of its request: its pid, and the zygote's end of its pair."""
+
+    def __init__(self, pid: int, conn: socket.socket) -> None:
+        self.pid = pid
+        self.conn = conn
+
+    def give(self, listener_fd: int, message: bytes) -> bool:
+        """Hand the spare its request; False if it is gone (it then serves nobody)."""
+        import socket
+        try:
+            return socket.send_fds(self.conn, [message], [listener_fd]) == len(message)
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _fork_spare(sock: socket.socket, own_fds: tuple[int, ...], containerd_address: str,
+                preloaded: frozenset[str]) -> _Spare | None:
+    import socket
+    try:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        return None
+    if pid == 0:
+        sock.close()
+        ours.close()
+        for fd in own_fds:
+            os.close(fd)
+        _leave_zygote(containerd_address, "spare")
+        _wait_as_spare(theirs, containerd_address, preloaded)
+    theirs.close()
+    return _Spare(pid, ours)
+
+
+def _wait_as_spare(conn: socket.socket, containerd_address: str,
+                   preloaded: frozenset[str]) -> None:
+    """Never returns: becomes the daemon of the request the zygote sends, or exits when
+    the zygote's end closes first."""
+    import marshal
+    import socket
+    try:
+        data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 1)
+        conn.close()
+        if len(fds) == 1 and data:
+            request, cgroups = marshal.loads(data)
+            _become_daemon(fds[0], request, cgroups, containerd_address, preloaded)
+    except (OSError, ValueError, EOFError, TypeError):
+        pass
+    os._exit(0)
+
+
 def _fork_daemon(sock: socket.socket, own_fds: tuple[int, ...], containerd_address: str,
-                 preloaded: frozenset[str]) -> int:
-    """Accept one request and fork its daemon; returns the daemon's pid (0 if none)."""
+                 preloaded: frozenset[str], spare: _Spare | None = None) -> tuple[int, bool]:
+    """Accept one request and give it to the spare, or fork its daemon; returns the
+    daemon's pid (0 if none) and whether the spare took it."""
     import marshal
     import socket
     import struct
@@ -342,20 +432,26 @@ def _fork_daemon(sock: socket.socket, own_fds: tuple[int, ...], containerd_addre
         data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 1)
         if uid != os.geteuid() or len(fds) != 1 or not _same_namespaces(peer):
             conn.send(b"no")  # start then forks the daemon itself
-            return 0
+            return 0, False
         request = marshal.loads(data)
         cgroups = _cgroup_dirs(peer)
+        if spare is not None and spare.give(fds[0], marshal.dumps((request, cgroups))):
+            conn.send(b"ok %d" % spare.pid)
+            return spare.pid, True
         pid = os.fork()
         if pid == 0:
             sock.close()
             conn.close()
             for fd in own_fds:
                 os.close(fd)
+            if spare is not None:
+                spare.close()
+            _leave_zygote(containerd_address, "")
             _become_daemon(fds[0], request, cgroups, containerd_address, preloaded)
         conn.send(b"ok %d" % pid)
-        return pid
+        return pid, spare is not None
     except (OSError, ValueError, EOFError, TypeError):
-        return 0
+        return 0, False
     finally:
         for fd in fds:
             os.close(fd)
@@ -389,15 +485,21 @@ def _cgroup_dirs(peer: int) -> list[str]:
     return sorted({theirs.v2_path} if theirs.v2_path else set(theirs.v1_paths.values()))
 
 
+def _leave_zygote(containerd_address: str, role: str) -> None:
+    """What every process forked here does first, before it knows its container."""
+    import signal
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # SIGTERM is already SIG_DFL: serve() set it
+    if role:
+        from shim.binary.launcher import NAME
+        _set_command_line([NAME, "-address", containerd_address, role])
+
+
 def _become_daemon(listener_fd: int, request: tuple, cgroups: list[str],
                    containerd_address: str, preloaded: frozenset[str]) -> None:
     """Never returns."""
-    import signal
-
     from shim.binary import daemon
 
-    signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # SIGTERM is already SIG_DFL: serve() set it
     cwd, environ, debug, namespace, cid, start_stdin, containerd_pid = request
     _set_command_line(["containerd-shim-pyshim-v1", "-namespace", namespace,
                        "-address", containerd_address, "-id", cid])

@@ -286,9 +286,12 @@ class TestContainerd(PrivateContainerd):
 
 
 def _is_idle_zygote(proc, subreaper_pid):
+    """An idle zygote, or its spare daemon (which serves nobody yet)."""
     try:
+        if command_line(proc)[-1:] == ["spare"]:
+            return _is_idle_zygote(psutil.Process(proc.ppid()), subreaper_pid)
         return (command_line(proc)[-1:] == ["zygote"] and proc.ppid() == subreaper_pid
-                and not proc.children())
+                and all(command_line(child)[-1:] == ["spare"] for child in proc.children()))
     except psutil.NoSuchProcess:
         return True
 

@@ -97,6 +97,54 @@ def test_later_shims_are_forked_by_the_zygote(pyshim_only, containerd, ctr, run,
         remove(ctr, cid)
 
 
+def spares(z):
+    """The spare daemons of zygote `z` (forked ahead, serving nobody yet)."""
+    found = []
+    for child in z.children():
+        try:
+            if command_line(child) == [launcher.NAME, "-address", z.cmdline()[2], "spare"]:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_the_next_shim_is_the_spare_forked_ahead(pyshim_only, containerd, ctr, run, cid):
+    """The zygote keeps one daemon forked ahead: the next container's shim is that process,
+    and a new spare follows once it has taken its container."""
+    assert run("true").rc == 0
+    z = the_zygote(containerd)
+    wait_until(lambda: spares(z), what="a spare daemon")
+    [spare] = spares(z)
+    start_sleeper(containerd, ctr, cid)
+    try:
+        shim = shim_of(containerd, cid)
+        assert shim.pid == spare.pid
+        assert command_line(shim)[-2:] == ["-id", cid]
+        wait_until(lambda: spares(z), what="the next spare")
+        [after] = spares(z)
+        assert after.pid != spare.pid
+    finally:
+        remove(ctr, cid)
+
+
+def test_a_spare_goes_with_its_zygote(pyshim_only, containerd, ctr, run, cid):
+    """A spare serves nobody: a killed zygote takes it along, never a shim with a container."""
+    assert run("true").rc == 0
+    z = the_zygote(containerd)
+    start_sleeper(containerd, ctr, cid)
+    shim = shim_of(containerd, cid)
+    wait_until(lambda: spares(z), what="a spare daemon")
+    [spare] = spares(z)
+    z.kill()
+    z.wait(5)
+    spare.wait(5)  # raises psutil.TimeoutExpired if the spare stays
+    assert shim.is_running()
+    result = ctr("task", "exec", "--exec-id", "after", cid, "sh", "-c", "exit 5")
+    assert result.rc == 5
+    remove(ctr, cid)
+
+
 def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
     assert run("true").rc == 0
     wait_until(lambda: zygotes(containerd), what="a zygote")
