@@ -588,23 +588,22 @@ class TaskService:
         return Empty()
 
     def Pause(self, req: pb.PauseRequest, ctx: Context) -> Empty:
-        p = self._init(req.id)
-        with p.lock:
-            p.check(Op.PAUSE)
-            with runtime_failure(f"pause container {p.container.id}"):
-                p.container.runc.pause(p.container.id)
-            p.apply(Op.PAUSE)
-            self.publisher.publish("/tasks/paused", ev.TaskPaused(container_id=p.container.id))
-        return Empty()
+        return self._pause_or_resume(req.id, Op.PAUSE, Runc.pause, "/tasks/paused", ev.TaskPaused)
 
     def Resume(self, req: pb.ResumeRequest, ctx: Context) -> Empty:
-        p = self._init(req.id)
+        return self._pause_or_resume(req.id, Op.RESUME, Runc.resume, "/tasks/resumed",
+                                     ev.TaskResumed)
+
+    def _pause_or_resume(self, cid: str, op: Op, run: Callable[[Runc, str], None], topic: str,
+                         event: Callable[..., Message]) -> Empty:
+        """runc first, then the state: it changes only once runc succeeded."""
+        p = self._init(cid)
         with p.lock:
-            p.check(Op.RESUME)
-            with runtime_failure(f"resume container {p.container.id}"):
-                p.container.runc.resume(p.container.id)
-            p.apply(Op.RESUME)
-            self.publisher.publish("/tasks/resumed", ev.TaskResumed(container_id=p.container.id))
+            p.check(op)
+            with runtime_failure(f"{op.value} container {p.container.id}"):
+                run(p.container.runc, p.container.id)
+            p.apply(op)
+            self.publisher.publish(topic, event(container_id=p.container.id))
         return Empty()
 
     def Update(self, req: pb.UpdateTaskRequest, ctx: Context) -> Empty:
