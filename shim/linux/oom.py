@@ -25,23 +25,16 @@ import errno
 import logging
 import os
 import select
-import struct
 import threading
 from typing import Callable
 
 from shim.linux.cgroups import Cgroup
-from shim.linux.libc import check, libc
+from shim.linux import inotify
+from shim.linux.inotify import IN_DELETE_SELF, IN_IGNORED, IN_MODIFY, IN_UNMOUNT
+from shim.linux.libc import libc
 
 log = logging.getLogger("shim.linux.oom")
 
-# <sys/inotify.h>
-IN_MODIFY = 0x00000002
-IN_DELETE_SELF = 0x00000400
-IN_UNMOUNT = 0x00002000
-IN_IGNORED = 0x00008000
-IN_CLOEXEC = os.O_CLOEXEC
-IN_NONBLOCK = os.O_NONBLOCK
-_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; `len` bytes of name follow
 
 def read_oom_kills(memory_events: str) -> int | None:
     """The oom_kill count of a v2 memory.events file.
@@ -179,9 +172,8 @@ class OOMWatcher:
         path = os.path.join(watch.directory, "memory.events")
         if not os.path.exists(path):
             raise FileNotFoundError(errno.ENOENT, "no memory.events", path)
-        c = libc()
         if self._inotify_fd < 0:
-            self._inotify_fd = check(c.inotify_init1(IN_CLOEXEC | IN_NONBLOCK), "inotify_init1")
+            self._inotify_fd = inotify.init()
             self._epoll.register(self._inotify_fd, select.EPOLLIN)
         # Baseline before the watch, so a kill that lands in between is reported rather
         # than absorbed into the baseline.
@@ -191,8 +183,7 @@ class OOMWatcher:
                 file = os.path.join(watch.directory, name)
                 if name == "cgroup.events" and not os.path.exists(file):
                     continue
-                wd = check(c.inotify_add_watch(self._inotify_fd, os.fsencode(file), IN_MODIFY),
-                           f"inotify_add_watch {file}")
+                wd = inotify.add_watch(self._inotify_fd, file, IN_MODIFY)
                 # inotify hands out the same wd when a file is watched twice (two ids on
                 # one cgroup): the newest id takes the kernel's watch over.
                 other = self._by_wd.get(wd)
@@ -285,10 +276,7 @@ class OOMWatcher:
             return []
         # One look per cgroup however many events it got: masks OR'ed per watch.
         changed: dict[_Watch, int] = {}
-        offset = 0
-        while offset + _EVENT.size <= len(data):
-            wd, mask, _, name_len = _EVENT.unpack_from(data, offset)
-            offset += _EVENT.size + name_len
+        for wd, mask, _ in inotify.events(data):
             watch = self._by_wd.get(wd)
             if watch is not None:
                 changed[watch] = changed.get(watch, 0) | mask
