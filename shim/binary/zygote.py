@@ -13,8 +13,8 @@ Nothing depends on the zygote staying alive:
   * A daemon is an ordinary child of the zygote: when the zygote exits, its daemons
     are re-parented like any orphan and go on serving.
   * The zygote exits on its own once it has had no daemon and no request for
-    IDLE_SECONDS, as soon as the installed code changes under it, and when its
-    containerd no longer listens.
+    IDLE_SECONDS, as soon as the installed code changes under it (an inotify watch on
+    the package's .py files), and when its containerd no longer listens.
 Only a peer with the zygote's own uid is served; the socket is an owner-only file.
 
 The fork itself is not on the critical path either: the zygote keeps one daemon forked
@@ -183,10 +183,12 @@ def main() -> None:
 
 
 def _code_stamp() -> float:
-    """The newest modification time of the installed code: a zygote must never fork
-    daemons from older code than the binary containerd just ran."""
+    """The newest modification time of the installed code (the whole `shim` package): a
+    zygote must never fork daemons from older code than the binary containerd just ran.
+    Only where inotify is not available: otherwise the zygote watches the code instead
+    of walking it before every fork."""
     newest = 0.0
-    for root, _, files in os.walk(_source_dir()):
+    for root, _, files in os.walk(os.path.dirname(_source_dir())):
         for name in files:
             if name.endswith(".py"):
                 try:
@@ -202,6 +204,13 @@ def serve(containerd_address: str) -> None:
 
     from shim.binary import log as shimlog
     from shim.binary.address import is_live
+    from shim.linux import inotify
+
+    # Watched before _prepare imports the daemon's modules: a change meanwhile counts too.
+    try:
+        code_watch = inotify.watch_sources(os.path.dirname(_source_dir()))
+    except OSError:
+        code_watch = -1  # e.g. out of inotify instances: walk the code instead
 
     # stderr is the log of the bundle whose start spawned this zygote (see spawn): keep it
     # only to report a failed start, not for the rehearsal's lines, nor once serving.
@@ -228,7 +237,8 @@ def serve(containerd_address: str) -> None:
         os.unlink(failure_path(containerd_address))  # an earlier failure no longer applies
     except OSError:
         pass
-    stamp = _code_stamp()
+    stamp = _code_stamp() if code_watch < 0 else 0.0
+    own_fds = (wake_r, wake_w) + ((code_watch,) if code_watch >= 0 else ())
 
     children: set[int] = set()
     last_activity = time.monotonic()
@@ -237,6 +247,8 @@ def serve(containerd_address: str) -> None:
     poller = select.poll()
     poller.register(sock, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    if code_watch >= 0:
+        poller.register(code_watch, select.POLLIN)
     try:
         while True:
             timeout = 1000
@@ -263,13 +275,17 @@ def serve(containerd_address: str) -> None:
                     continue
                 children.discard(pid)
                 last_activity = time.monotonic()
-            if _code_stamp() != stamp:
-                return  # new code installed: let the next start spawn a fresh zygote
+            # New code installed: let the next start spawn a fresh zygote.
+            if code_watch >= 0:
+                if code_watch in ready and inotify.sources_changed(code_watch):
+                    return
+            elif _code_stamp() != stamp:
+                return
             if not ready and not is_live(containerd_address):
                 return  # its containerd is gone (stopped, or restarting: a start respawns it)
             if sock.fileno() in ready:
-                pid, spare_used = _fork_daemon(sock, (wake_r, wake_w), containerd_address,
-                                               preloaded, spare)
+                pid, spare_used = _fork_daemon(sock, own_fds, containerd_address, preloaded,
+                                               spare)
                 if spare_used:
                     assert spare is not None
                     spare.close()
@@ -284,7 +300,7 @@ def serve(containerd_address: str) -> None:
                 return
             elif refill_at is not None and time.monotonic() >= refill_at:
                 refill_at = None
-                spare = _fork_spare(sock, (wake_r, wake_w), containerd_address, preloaded)
+                spare = _fork_spare(sock, own_fds, containerd_address, preloaded)
     finally:
         if spare is not None:
             spare.close()  # it sees the end of its pair, and exits
@@ -295,6 +311,8 @@ def serve(containerd_address: str) -> None:
         except OSError:
             pass
         sock.close()
+        if code_watch >= 0:
+            os.close(code_watch)
 
 
 def _prepare(containerd_address: str) -> tuple[socket.socket, str, frozenset[str], tuple[int, int]] | None:

@@ -189,6 +189,49 @@ def test_an_idle_zygote_exits_on_its_own(pyshim_only, containerd, run):
     wait_until(lambda: not zygotes(containerd), zygote.IDLE_SECONDS + 5, "the idle zygote gone")
 
 
+def installed_package(containerd):
+    """The `shim` package directory of the install under test."""
+    with open(os.path.join(shim_dir(), launcher.NAME)) as f:
+        python = f.readline()[2:].split()[0]
+    return subprocess.run([python, "-I", "-c", "import os, shim; print(os.path.dirname(shim.__file__))"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_zygote_exits_when_its_installed_code_changes(pyshim_only, containerd, ctr, run, cid):
+    """A zygote must never fork a daemon from older code than containerd just ran: a change
+    to any module of the package (here: a module of shim/task, far from the zygote's own
+    directory) ends it, while the daemons it forked go on; the next start spawns a new one."""
+    assert run("true").rc == 0
+    z = the_zygote(containerd)
+    start_sleeper(containerd, ctr, cid)
+    shim = shim_of(containerd, cid)
+    module = os.path.join(installed_package(containerd), "task", "state.py")
+    times = os.stat(module)
+    try:
+        os.utime(module, ns=(times.st_atime_ns, times.st_mtime_ns))  # the same times: only the event
+        z.wait(5)  # raises psutil.TimeoutExpired if the zygote stays
+    finally:
+        remove(ctr, cid)
+    assert not shim.is_running() or shim.wait(10) is not None
+    assert run("echo", "next").stdout == "next\n"
+    assert the_zygote(containerd).pid != z.pid
+
+
+def test_bytecode_written_beside_the_code_is_no_change(pyshim_only, containerd, run, tmp_path):
+    """Only sources count: a .pyc written into __pycache__ (and any other file) leaves the
+    zygote serving."""
+    assert run("true").rc == 0
+    z = the_zygote(containerd)
+    other = os.path.join(installed_package(containerd), "task", "notes.txt")
+    try:
+        with open(other, "w") as f:
+            f.write("not code\n")
+    finally:
+        os.unlink(other)
+    time.sleep(1.5)  # the zygote polls its fds at least once a second
+    assert z.is_running() and z.status() != psutil.STATUS_ZOMBIE
+
+
 def test_the_zygote_goes_with_its_containerd(pyshim_only, containerd, ctr, run, cid):
     assert run("true").rc == 0
     z = the_zygote(containerd)
