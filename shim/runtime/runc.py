@@ -20,9 +20,9 @@ import select
 import signal
 import subprocess
 import time
-from typing import IO, Any
+from typing import IO, Any, Callable
 
-from shim.linux.reaper import Reaper
+from shim.linux.reaper import Child, Reaper
 from shim.probe import hooks as probe
 from shim.runtime.config import RuncConfig
 
@@ -76,16 +76,20 @@ class Runc:
         self._env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
 
     def run(self, *args: str, stdio: tuple[Any, Any, Any] | None = None,
-            input: bytes | None = None, capture: bool = False) -> bytes:
-        """Run one runc command to completion; returns its stdout when `capture`."""
+            input: bytes | None = None, capture: bool = False,
+            running: Callable[[], None] | None = None) -> bytes:
+        """Run one runc command to completion; returns its stdout when `capture`.
+        `running` is called once runc has been started, while it runs (the stdio copy
+        loops start then: their thread starts overlap runc's own start-up)."""
         argv = self.config.command(self.namespace, self.bundle, *args)
         if probe.ON:  # the bundle's name is the container id (Create checks it)
             return probe.runc(os.path.basename(self.bundle), args[0], argv,
-                              lambda: self._run(args[0], argv, stdio, input, capture), RuncError)
-        return self._run(args[0], argv, stdio, input, capture)
+                              lambda: self._run(args[0], argv, stdio, input, capture, running),
+                              RuncError)
+        return self._run(args[0], argv, stdio, input, capture, running)
 
     def _run(self, verb: str, argv: list[str], stdio: tuple[Any, Any, Any] | None, input: bytes | None,
-             capture: bool) -> bytes:
+             capture: bool, running: Callable[[], None] | None = None) -> bytes:
         stdin: Any = subprocess.DEVNULL
         stdout: Any = subprocess.PIPE if capture else subprocess.DEVNULL
         stderr: Any = subprocess.PIPE
@@ -105,15 +109,17 @@ class Runc:
         deadline = None if bound is None else time.monotonic() + bound
         if popen.stdin is not None:
             _write_all(popen.stdin, input or b"")
+        if running is not None:
+            try:
+                running()
+            except BaseException:
+                _kill(child)
+                raise
         out, err = _collect(popen.stdout, popen.stderr, deadline)
         try:
             code = child.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         except TimeoutError:
-            try:
-                os.kill(child.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            child.wait(5.0)  # reaped by the reaper; never leave it to reuse its pid
+            _kill(child)
             raise RuncError(f"{self.config.binary} {verb} did not finish within "
                             f"{bound:g}s and was killed") from None
         if code != 0:
@@ -142,7 +148,8 @@ class Runc:
     # -- the commands -------------------------------------------------------------------
 
     def create(self, cid: str, pid_file: str, stdio: tuple[Any, Any, Any],
-               console_socket: str | None = None) -> None:
+               console_socket: str | None = None,
+               running: Callable[[], None] | None = None) -> None:
         args = ["create", "--bundle", self.bundle, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]
@@ -150,7 +157,7 @@ class Runc:
             args.append("--no-pivot")
         if self.config.no_new_keyring:
             args.append("--no-new-keyring")
-        self.run(*args, cid, stdio=stdio)
+        self.run(*args, cid, stdio=stdio, running=running)
 
     def checkpoint(self, cid: str, image_path: str, work_path: str, *, leave_running: bool,
                    tcp_established: bool = False, ext_unix_sk: bool = False,
@@ -188,11 +195,12 @@ class Runc:
         self.run("start", cid)
 
     def exec(self, cid: str, process_json: str, pid_file: str, stdio: tuple[Any, Any, Any],
-             console_socket: str | None = None) -> None:
+             console_socket: str | None = None,
+             running: Callable[[], None] | None = None) -> None:
         args = ["exec", "--process", process_json]
         if console_socket:
             args += ["--console-socket", console_socket]
-        self.run(*args, "--detach", "--pid-file", pid_file, cid, stdio=stdio)
+        self.run(*args, "--detach", "--pid-file", pid_file, cid, stdio=stdio, running=running)
 
     def kill(self, cid: str, sig: int, all: bool = False) -> None:
         self.run("kill", *(["--all"] if all else []), cid, str(sig))
@@ -217,6 +225,14 @@ class Runc:
         except (ValueError, TypeError):
             # A failure of runc like any other, not an exception the RPC layer never expects.
             raise RuncError(f"{self.config.binary} ps: unexpected output {out[:200]!r}") from None
+
+
+def _kill(child: Child) -> None:
+    try:
+        os.kill(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child.wait(5.0)  # reaped by the reaper; never leave it to reuse its pid
 
 
 def _collect(stdout: IO[bytes] | None, stderr: IO[bytes] | None,

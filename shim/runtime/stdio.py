@@ -132,8 +132,11 @@ Spawn = Callable[..., object]  # Reaper.spawn
 class ProcessIO:
     """Stdio of one init or exec process, set up before runc runs it.
 
-    Usage: construct; pass `runc_stdio` (and `console_socket`, for a terminal) to runc;
-    then call `started()`; `close()` when the process is deleted.
+    Usage: construct; pass `runc_stdio` (and `console_socket`, for a terminal) to runc,
+    with `begin` to call once runc runs; then call `started()`; `close()` when the
+    process is deleted. The copy loops' threads start in `begin` (or at the latest in
+    `started` or `close`): starting them while runc runs takes them off the caller's
+    critical path, and nothing is lost meanwhile (the pipes hold what the process writes).
     """
 
     def __init__(self, label: str, stdin: str, stdout: str, stderr: str, *,
@@ -147,6 +150,7 @@ class ProcessIO:
         self._lock = threading.Lock()
         self._child: list[int] = []   # ends for runc; closed here once runc has them
         self._threads: list[threading.Thread] = []
+        self._unstarted: list[threading.Thread] = []  # until begin()
         self._drained: list[threading.Event] = []
         self._stdin_keepalive: int | None = None
         self._stdin_src: int | None = None
@@ -162,6 +166,7 @@ class ProcessIO:
         self._closing = False
         self.console_socket: str | None = None
         self._pending: list[int] = []  # fds not yet owned by a loop; closed on failure
+        self._begun = False
         try:
             self.runc_stdio = self._setup(stdin, stdout, stderr, spawn, env or {})
         except BaseException:
@@ -273,10 +278,22 @@ class ProcessIO:
                     stream)
 
     def _start(self, name: str, target: Callable[..., None], *args: object) -> None:
+        """A copy loop, which owns the fds in `args` from now on; its thread starts in
+        begin() (at once, once begin() has been called)."""
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
-        t.start()
         self._threads.append(t)
         self._pending[:] = [fd for fd in self._pending if fd not in args]
+        self._unstarted.append(t)
+        if self._begun:
+            self.begin()
+
+    def begin(self) -> None:
+        """Start the copy loops set up so far; those set up later start at once."""
+        with self._lock:
+            self._begun = True
+            unstarted, self._unstarted = self._unstarted, []
+        for t in unstarted:
+            t.start()
 
     # -- binary:// loggers ----------------------------------------------------------------
 
@@ -397,6 +414,7 @@ class ProcessIO:
     def started(self) -> None:
         """runc has run: take the terminal (if any) and drop the shim's copies of the
         container's pipe ends, which would otherwise keep them from reaching EOF."""
+        self.begin()
         self._drop_child_fds()
         if self.terminal and self._console is None:
             try:
@@ -472,6 +490,7 @@ class ProcessIO:
             if self._closing:
                 return
             self._closing = True
+        self.begin()  # loops that never ran still own (and close) their fds
         self.started_without_console()
         self.close_stdin()
         os.write(self._stop_w, b"x")

@@ -279,7 +279,8 @@ class TaskService:
             else:
                 pid_file = os.path.join(bundle, "init.pid")
                 with self._launch():
-                    runc.create(cid, pid_file, init.io.runc_stdio, init.io.console_socket)
+                    runc.create(cid, pid_file, init.io.runc_stdio, init.io.console_socket,
+                                running=init.io.begin)
                     init.pid = read_pid(pid_file)
                     init.io.started()
                     early = self._watch(init)
@@ -355,7 +356,8 @@ class TaskService:
                 f.write(p.spec)
             p.io = self._open_io(p, c.runc.config)
             with self._launch():
-                c.runc.exec(c.id, spec_path, pid_file, p.io.runc_stdio, p.io.console_socket)
+                c.runc.exec(c.id, spec_path, pid_file, p.io.runc_stdio, p.io.console_socket,
+                            running=p.io.begin)
                 p.pid = read_pid(pid_file)
                 p.io.started()
                 p.apply(Op.START)

@@ -61,10 +61,14 @@ class FakeRunc:
         with open(pid_file, "w") as f:
             f.write(str(pid))
 
-    def create(self, cid, pid_file, stdio, console_socket=None):
+    def create(self, cid, pid_file, stdio, console_socket=None, running=None):
+        if running:
+            running()  # as Runc does once runc runs: the copy loops start
         self._new_pid(cid, pid_file)
 
-    def exec(self, cid, process_json, pid_file, stdio, console_socket=None):
+    def exec(self, cid, process_json, pid_file, stdio, console_socket=None, running=None):
+        if running:
+            running()
         if FakeRunc.real_pid:
             with open(pid_file, "w") as f:
                 f.write(str(FakeRunc.real_pid))

@@ -364,3 +364,37 @@ def test_a_chatty_stderr_does_not_block_captured_output(make_runc, reaper):
         reaper.children[-1].popen.kill()  # let the test end
         t.join(DEADLINE)
     assert result == [[7]]
+
+
+# -- the `running` hook -------------------------------------------------------------------
+
+
+def test_running_is_called_while_runc_runs(make_runc, reaper, tmp_path):
+    """create and exec call `running` once runc has started and before it has finished,
+    so that the stdio copy loops start while runc does."""
+    gate = tmp_path / "gate"
+    reaper.script = f"while [ ! -e {gate} ]; do sleep 0.01; done"  # runs until released
+    seen: list[bool] = []
+
+    def running() -> None:
+        child = reaper.children[-1]
+        seen.append(child.popen.poll() is None)  # still running
+        gate.touch()
+
+    make_runc().exec(CID, "/p.json", "/pid", (None, None, None), running=running)
+    assert seen == [True]
+    gate.unlink()
+    make_runc().create(CID, "/pid", (None, None, None), running=running)
+    assert seen == [True, True]
+
+
+def test_a_failing_running_hook_kills_runc_and_raises(make_runc, reaper):
+    reaper.script = "sleep 30"
+
+    def running() -> None:
+        raise RuntimeError("can't start new thread")
+
+    with pytest.raises(RuntimeError):
+        make_runc().exec(CID, "/p.json", "/pid", (None, None, None), running=running)
+    [child] = reaper.children
+    assert child.popen.poll() is not None  # killed and reaped, not left running

@@ -61,10 +61,15 @@ class FakeRunc:
         if callable(FakeRunc.on_launch):
             FakeRunc.on_launch(FakeRunc.next_pid)
 
-    def create(self, cid: str, pid_file: str, stdio: object, console: object) -> None:
+    def create(self, cid: str, pid_file: str, stdio: object, console: object, running=None) -> None:
+        if running:
+            running()  # as Runc does once runc runs: the copy loops start
         self._launch(pid_file)
 
-    def exec(self, cid: str, spec: str, pid_file: str, stdio: object, console: object) -> None:
+    def exec(self, cid: str, spec: str, pid_file: str, stdio: object, console: object,
+             running=None) -> None:
+        if running:
+            running()
         self._launch(pid_file)
 
     def start(self, cid: str) -> None:

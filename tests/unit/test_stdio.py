@@ -315,6 +315,35 @@ def test_close_while_the_process_still_runs_stops_everything(client, no_leaks):
     close_all(fds)
 
 
+def test_the_copy_loops_start_only_with_begin_and_lose_nothing_before(client, no_leaks):
+    """Output written before the loops run waits in the pipe: begin() (called once runc
+    runs) starts them, and everything arrives."""
+    io = ProcessIO(LABEL, "", client.stdout, client.stderr)
+    out, err = client.read_outputs()
+    assert io_threads() == []  # set up, not started
+    child = subprocess.Popen(["/bin/sh", "-c", "echo early; echo late >&2"],
+                             stdin=subprocess.DEVNULL, stdout=io.runc_stdio[1],
+                             stderr=io.runc_stdio[2])
+    assert child.wait(DEADLINE) == 0
+    io.begin()
+    assert len(io_threads()) == 2
+    io.started()
+    assert io.wait_drained(DEADLINE)
+    assert (out.result(), err.result()) == (b"early\n", b"late\n")
+    io.close()
+
+
+def test_started_begins_the_loops_if_nobody_did(client, no_leaks):
+    io = ProcessIO(LABEL, "", client.stdout, client.stderr)
+    out, err = client.read_outputs()
+    child = subprocess.Popen(["/bin/echo", "hi"], stdout=io.runc_stdio[1], stderr=io.runc_stdio[2])
+    assert child.wait(DEADLINE) == 0
+    io.started()
+    assert io.wait_drained(DEADLINE)
+    assert (out.result(), err.result()) == (b"hi\n", b"")
+    io.close()
+
+
 def test_close_before_runc_ran(client, no_leaks):
     # Create failed: runc never started, started() is never called.
     io = ProcessIO(LABEL, client.stdin, client.stdout, client.stderr)
