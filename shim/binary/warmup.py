@@ -9,7 +9,9 @@ daemon: 140 KiB less private memory per daemon with a running container (4.23 ->
 
 Only work without side effects: encoding and decoding the messages of a container's
 life, finding this process's own cgroup, formatting a log line, loading the C
-library, and running `true` the way runc is run.
+library, running `true` the way runc is run, and a daemon's own start-up up to its
+first thread (logging fields, options, the task service and its method table, the
+ttrpc server, the environment), with whatever it opened closed again.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def rehearse() -> None:
         options.decode("", b"", "warmup")
         RuncConfig().command("warmup", "/", "state", "warmup")
         log.info("warming up (%d)", i)  # the zygote's log is /dev/null
+        _start_up(i)
         if true and i < SPAWNS:
             child = subprocess.Popen([true], close_fds=True, cwd="/", env={},
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -71,3 +74,32 @@ def rehearse() -> None:
                 pipe.read()
                 pipe.close()
             child.wait()
+
+
+def _start_up(i: int) -> None:
+    """What a daemon does before its first thread starts (shim.binary.daemon.serve), on
+    objects that are then dropped: no thread starts, no signal handler is set."""
+    from shim.binary import log as shimlog
+    from shim.binary.daemon import TASK_SERVICES
+    from shim.probe import hooks as probe
+    from shim.runtime import options
+    from shim.task.events import Publisher
+    from shim.task.service import TaskService
+    from shim.ttrpc import Server
+
+    shimlog.setup(False, namespace="warmup", id=f"warmup-{i}")
+    options.from_start_stdin(b"", "warmup", "warmup")
+    probe.reset()
+    service = TaskService("warmup", "/", Publisher("", "warmup", start=False), lambda: None)
+    try:
+        server = Server()
+        for name in TASK_SERVICES:
+            server.register(name, probe.install(service.methods(), "/", "", lambda *_: None),
+                            replace=False)
+    finally:
+        service.oom.close()
+        service.reaper.close()
+    environ = dict(os.environ)
+    os.environ.clear()  # as a daemon replaces the zygote's environment with start's
+    os.environ.update(environ)
+    shimlog.setup(False)

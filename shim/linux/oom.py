@@ -136,9 +136,10 @@ class OOMWatcher:
             self._closed = True
             for watch in list(self._by_id.values()):
                 self._drop(watch)
+            if self._thread.ident is None:  # never started: nothing to stop
+                self._close_fds()
+                return
             os.eventfd_write(self._wake_fd, 1)
-        if self._thread.ident is None:
-            self._thread.start()  # never started: it only runs its clean-up now
         if threading.current_thread() is not self._thread:
             self._thread.join()
         # else: called from a callback; the thread closes the rest as it leaves.
@@ -246,11 +247,15 @@ class OOMWatcher:
                 self._closed = True
                 for watch in list(self._by_id.values()):
                     self._drop(watch)
-                if self._inotify_fd >= 0:
-                    os.close(self._inotify_fd)
-                    self._inotify_fd = -1
-                self._epoll.close()
-                os.close(self._wake_fd)
+                self._close_fds()
+
+    def _close_fds(self) -> None:
+        """The watcher's own fds, once every watch is dropped (under _lock)."""
+        if self._inotify_fd >= 0:
+            os.close(self._inotify_fd)
+            self._inotify_fd = -1
+        self._epoll.close()
+        os.close(self._wake_fd)
 
     def _ready(self, fd: int) -> list[str]:
         """Container ids with a new OOM, after handling a ready fd (under _lock)."""

@@ -108,6 +108,11 @@ class Reaper:
                 pass
         self.reap()
 
+    def close(self) -> None:
+        """Close the wake-up pipe (a reaper that was never installed: the zygote's rehearsal)."""
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
     def wake(self) -> None:
         try:
             os.write(self._wake_w, b"\0")
