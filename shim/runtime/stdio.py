@@ -480,6 +480,10 @@ class ProcessIO:
             if left != last:
                 last, changed = left, now
             if now - changed > stall or now - start > timeout:
+                # Usual for a detached client; for a live one, what it had not read is lost.
+                log.debug("%s: %d bytes of output still unread after %.2fs (%s): deleting",
+                          self.label, left, now - start,
+                          "no reads for %.2fs" % stall if now - changed > stall else "timeout")
                 return False
             time.sleep(0.005)
         return True
