@@ -17,6 +17,7 @@ import time
 
 from google.protobuf.message import Message
 
+from shim.binary import address
 from shim.binary.address import is_live
 from shim.proxy import record, target
 from shim.proxy.target import State
@@ -42,7 +43,8 @@ def delete(argv: list[str], flags: dict[str, str | bool], namespace: str, cid: s
                 record.phase(trace, "stop-orphaned-target", cid, {"steps": stopped})
     result = subprocess.run([binary, *argv], cwd=bundle, stdin=subprocess.DEVNULL, capture_output=True)
     if state is not None:
-        _remove_stale(state)
+        _remove_stale(state, _target_debug_socket(state, str(flags.get("address", "")), namespace,
+                                                  address.group_id(bundle, cid)))
     if trace is not None:
         record.phase(trace, "target-delete", cid, {"binary": binary, "exit_status": result.returncode,
                                                    "duration": time.monotonic() - began}, ts=began)
@@ -88,9 +90,18 @@ def stop_in_target(target_path: str, namespace: str, cid: str) -> list[str]:
     return steps
 
 
-def _remove_stale(state: State) -> None:
+def _target_debug_socket(state: State, containerd_address: str, namespace: str, group: str) -> str:
+    """Where runc-v2 started with -debug (containerd at debug level) also listens: its own
+    socket's name with "/debug" appended to what is hashed. Its `delete` removes only the
+    main socket, so a target that was killed leaves this one (seen with containerd 2.1)."""
+    directory = os.path.dirname(state.target_address.removeprefix("unix://"))
+    return address.socket_path(containerd_address, namespace, os.path.join(group, "debug"),
+                               directory)
+
+
+def _remove_stale(state: State, *more: str) -> None:
     for path in (state.proxy_address.removeprefix("unix://"), state.events_socket,
-                 state.target_address.removeprefix("unix://")):  # a target that died leaves its socket
+                 state.target_address.removeprefix("unix://"), *more):  # a dead target's too
         try:
             if os.path.exists(path) and not is_live(path):
                 os.unlink(path)

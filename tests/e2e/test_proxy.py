@@ -14,6 +14,7 @@ import pytest
 
 from e2e import harness
 from e2e.shims import alive, bundle, shim_address, wait_until
+from shim.binary.address import is_live
 
 PROXY = "io.containerd.pyshimproxy.v1"
 RUNC = "io.containerd.runc.v2"
@@ -130,7 +131,22 @@ def remove(traced, tctr, cid):
     remove_ctr_fifos(cid)
 
 
+SHIM_SOCKETS = "/run/containerd/s"
+
+
+def dead_sockets() -> set[str]:
+    """The socket files in containerd's shim socket directory that nobody listens on."""
+    dead = set()
+    for name in os.listdir(SHIM_SOCKETS):
+        if not is_live(os.path.join(SHIM_SOCKETS, name)):
+            dead.add(name)
+    return dead
+
+
 def test_a_killed_target_is_seen_by_containerd_and_cleaned_up(traced, tctr):
+    """...with nothing left: also no socket file of the target's (runc-v2 at containerd's
+    debug level listens on a second, debug socket that its own delete leaves)."""
+    before = dead_sockets()
     cid = traced.new_id("proxy-target-killed")
     run_detached(traced, tctr, cid, "sleep", "1000")
     try:
@@ -143,6 +159,7 @@ def test_a_killed_target_is_seen_by_containerd_and_cleaned_up(traced, tctr):
         wait_until(lambda: cid not in traced.tasks(), what="containerd forgets the task")
     finally:
         remove(traced, tctr, cid)
+    assert dead_sockets() - before == set()
 
 
 def test_a_killed_proxy_is_cleaned_up_by_delete(traced, tctr):
