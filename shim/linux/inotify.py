@@ -57,9 +57,10 @@ def events(data: bytes) -> Iterator[tuple[int, int, str]]:
         yield wd, mask, name
 
 
-def watch_sources(root: str, suffix: str = ".py") -> int:
-    """An inotify fd that becomes readable when a `suffix` file below `root` (or one of
-    its directories) is changed, added or removed; see `sources_changed`."""
+def watch_sources(root: str) -> int:
+    """An inotify fd that becomes readable when a file below `root` (or one of its
+    directories) is changed, added or removed; `sources_changed` tells whether a source
+    file was among them."""
     fd = init()
     try:
         for directory, subdirs, _ in os.walk(root):
