@@ -17,14 +17,17 @@ def criu_works():
                                                 timeout=60).returncode == 0
 
 
-COUNTER = ["sh", "-c", "echo started > /tmp/state; i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done"]
+# The count is renamed into place: `echo > /tmp/count` truncates first, and a reader may see
+# the file empty in between. The first count is written before any child process starts.
+COUNTER = ["sh", "-c", "echo started > /tmp/state; echo 0 > /tmp/count; i=0; while :; do i=$((i+1)); "
+           "echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done"]
 
 
 @pytest.mark.skipif(criu_works(), reason="criu works on this host: the failure path is not reachable")
 def test_failed_checkpoint_leaves_the_task_running(containerd, ctr, cid):
     pid = run_detached(containerd, ctr, cid, *COUNTER)
     try:
-        containerd.wait_task_pids(cid, 2)  # the shell and its sleep: /tmp/state is written
+        containerd.wait_task_pids(cid, 2)  # the shell and a child: both files are written
         result = ctr("task", "checkpoint", cid)
         assert result.rc == 1 and result.stdout == ""
         assert result.stderr.startswith("ctr: ") and "criu" in result.stderr, result.stderr
