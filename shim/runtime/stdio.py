@@ -3,9 +3,10 @@
 The container never writes to a FIFO directly: it writes to a pipe (or its terminal)
 that the shim drains, so the container's stdio does not depend on the client (ctr,
 containerd) being there.
-  * stdout/stderr FIFOs: the shim opens each for writing and once more for reading;
-    that extra reader is never read, it keeps writes from failing with EPIPE while the
-    client is away. Data then waits in the FIFO for the next reader.
+  * stdout/stderr FIFOs: the shim opens each for writing once the client has opened it
+    for reading, then once more for reading; that extra reader is never read, it keeps
+    writes from failing with EPIPE while the client is away. Data then waits in the FIFO
+    for the next reader.
   * stdin FIFO: the shim opens it for reading, then holds its own write end, so the
     container does not see EOF when a client disconnects; CloseIO drops that end, and
     the container sees EOF once the client has closed too.
@@ -46,6 +47,7 @@ QUIET_MS = 100  # a terminal whose process exited is copied until it is this lon
 # long it waits when nobody reads it at all (a detached client): see `wait_read`.
 READ_TIMEOUT = 2.0
 READ_STALL = 0.25
+READER_POLL = 0.02  # how often, at most, a copy loop looks for the client's late reader
 
 
 def _close(fd: int | None) -> None:
@@ -54,6 +56,23 @@ def _close(fd: int | None) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def _open_writer(path: str) -> int | None:
+    """The FIFO at `path` opened for (blocking) writes, None while nobody reads it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            raise
+        return None
+    os.set_blocking(fd, True)
+    return fd
+
+
+def _open_keepalive(path: str) -> int:
+    """A reader of the FIFO (or file) at `path` that is never read."""
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
 
 
 def _copy(src: int, dst: int, stop_fd: int, quiet_fd: int | None = None,
@@ -154,7 +173,7 @@ class ProcessIO:
         self._drained: list[threading.Event] = []
         self._stdin_keepalive: int | None = None
         self._stdin_src: int | None = None
-        self._outputs: list[tuple[int | None, int, str, str]] = []  # (writer, keepalive, path, stream)
+        self._outputs: list[tuple[int | None, int | None, str, str]] = []  # (writer, keepalive, path, stream)
         self._readers: list[int] = []  # output keep-alive fds, ours until close()
         self._fifo_readers: list[int] = []  # those of them on a FIFO
         self._console: int | None = None
@@ -237,8 +256,9 @@ class ProcessIO:
         src, self._stdin_src = self._stdin_src, None
         self._start(f"{self.label} stdin", self._pump_stdin, src, dst, terminal)
 
-    def _open_destination(self, uri: str) -> tuple[int | None, int, str]:
-        """(writer or None if no reader yet, keep-alive fd, path) for a FIFO or file URI."""
+    def _open_destination(self, uri: str) -> tuple[int | None, int | None, str]:
+        """(writer, keep-alive fd, path) for a FIFO or file URI; (None, None, path) for a
+        FIFO the client has not opened yet (the copy loop waits for it: `_wait_for_reader`)."""
         if uri.startswith("file://"):
             path = unquote(urlsplit(uri).path)
             os.makedirs(os.path.dirname(path) or "/", mode=0o755, exist_ok=True)
@@ -248,15 +268,10 @@ class ProcessIO:
         path = uri[len("fifo://"):] if uri.startswith("fifo://") else uri
         if "://" in path:
             raise OSError(errno.EINVAL, f"unknown STDIO scheme {urlsplit(path).scheme}")
-        try:
-            fd = self._own(os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
-            os.set_blocking(fd, True)
-            writer: int | None = fd
-        except OSError as e:
-            if e.errno != errno.ENXIO:
-                raise
-            writer = None  # no reader yet: the copy loop waits for one
-        return writer, self._own(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)), path
+        writer = _open_writer(path)
+        if writer is None:
+            return None, None, path
+        return self._own(writer), self._own(_open_keepalive(path)), path
 
     def _output_pipe(self, uri: str, stream: str) -> int:
         writer, keepalive, path = self._open_destination(uri)
@@ -264,18 +279,45 @@ class ProcessIO:
         self._start_output(r, writer, keepalive, path, stream)
         return self._for_runc(w)
 
-    def _start_output(self, src: int, writer: int | None, keepalive: int, path: str,
+    def _start_output(self, src: int, writer: int | None, keepalive: int | None, path: str,
                       stream: str, quiet_fd: int | None = None) -> None:
         done = threading.Event()
         self._drained.append(done)
-        # The keep-alive reader outlives the copy loop: `wait_read` looks at the FIFO through it.
-        if keepalive in self._pending:
-            self._pending.remove(keepalive)
-        self._readers.append(keepalive)
-        if stat.S_ISFIFO(os.fstat(keepalive).st_mode):
-            self._fifo_readers.append(keepalive)
+        if keepalive is not None:
+            if keepalive in self._pending:
+                self._pending.remove(keepalive)
+            self._keep(keepalive)
         self._start(f"{self.label} output", self._pump_output, src, writer, path, done, quiet_fd,
                     stream)
+
+    def _keep(self, keepalive: int) -> None:
+        """Hold an output's keep-alive reader until close(): it outlives the copy loop,
+        and `wait_read` looks at the FIFO through it. Closed at once if closing already."""
+        with self._lock:
+            if self._closing:
+                _close(keepalive)
+                return
+            self._readers.append(keepalive)
+            if stat.S_ISFIFO(os.fstat(keepalive).st_mode):
+                self._fifo_readers.append(keepalive)
+
+    def _wait_for_reader(self, path: str) -> int | None:
+        """A writer on the FIFO at `path` once the client has it open for reading; None
+        if the stdio is closed first.
+
+        Not a blocking open(2), which cannot be stopped, and not before the keep-alive
+        reader (which would let it return at once): containerd's client opens its end in
+        the background, blocking until a writer is there, and an open that came only
+        after the output was copied and the writer closed would wait for ever; the output,
+        in the FIFO all along, would be lost with it. runc-v2 waits for the reader too."""
+        delay = 0.001
+        poller = select.poll()
+        poller.register(self._stop_r, select.POLLIN)
+        while (fd := _open_writer(path)) is None:
+            if poller.poll(delay * 1000):
+                return None
+            delay = min(delay * 2, READER_POLL)
+        return fd
 
     def _start(self, name: str, target: Callable[..., None], *args: object) -> None:
         """A copy loop, which owns the fds in `args` from now on; its thread starts in
@@ -369,9 +411,12 @@ class ProcessIO:
         copied = 0
         fault = probe.stdio_start(*self.ids, stream) if probe.ON else None
         try:
-            if dst is None:
-                # Nobody read the FIFO at set-up: wait for a reader (blocking open).
-                dst = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            if dst is None:  # nobody read the FIFO at set-up
+                log.debug("%s: nobody reads %s yet: its copy waits for the client", self.label, stream)
+                dst = self._wait_for_reader(path)
+                if dst is None:
+                    return
+                self._keep(_open_keepalive(path))
             if fault is None:
                 copied = _copy(src, dst, self._stop_r, quiet_fd)
             else:  # a failpoint: copy up to its byte count, then stop or close

@@ -229,6 +229,59 @@ def test_an_output_fifo_opened_by_the_client_only_later(tmp_path, no_leaks):
     io.close()
 
 
+def test_a_client_whose_blocking_open_comes_after_the_output_still_gets_it(tmp_path, no_leaks):
+    # containerd's client opens its FIFO ends in the background, with a blocking open(2),
+    # which waits for a writer: one that comes after the process's output is complete must
+    # still find the shim's writer there, and the output.
+    fifo = tmp_path / "stdout"
+    os.mkfifo(fifo)
+    io = ProcessIO(LABEL, "", str(fifo), "")
+    _, w_out, _ = inherit(io)
+    io.started()
+    assert w_out is not None
+    write_all(w_out, b"all of it\n")
+    os.close(w_out)  # the process has exited
+    assert not io.wait_drained(0.2)  # not copied: nobody to copy it to yet
+    opened: list[int] = []
+    opener = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_RDONLY | os.O_CLOEXEC)),
+                              daemon=True)
+    opener.start()
+    opener.join(DEADLINE)
+    if opener.is_alive():  # the bug: no writer will ever come; let the open return
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        opener.join(DEADLINE)
+    try:
+        assert opener is not None and len(opened) == 1
+        late = Reader(opened[0])
+        assert io.wait_drained(DEADLINE)
+        assert late.result() == b"all of it\n"
+    finally:
+        close_all(opened)
+        io.close()
+    assert not opener.is_alive()
+
+
+def test_close_stops_a_copy_waiting_for_its_client(tmp_path, no_leaks):
+    fifo = tmp_path / "stdout"
+    os.mkfifo(fifo)
+    io = ProcessIO(LABEL, "", str(fifo), "")
+    _, w_out, _ = inherit(io)
+    io.started()
+    assert w_out is not None
+    write_all(w_out, b"never read")
+    os.close(w_out)
+    assert not io.wait_drained(0.1)
+    start = time.monotonic()
+    io.close()
+    assert time.monotonic() - start < 0.5
+    # Nobody holds a writer: a reader that comes now sees the end at once.
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        assert os.read(fd, 64) == b""
+    finally:
+        os.close(fd)
+
+
 # -- stdin ------------------------------------------------------------------------------
 
 
