@@ -2,6 +2,7 @@
 hundred execs leave behind in the shim. Exec with a terminal is in test_terminal.py, signals to
 execs in test_kill.py."""
 import concurrent.futures
+import re
 import time
 
 import pytest
@@ -78,27 +79,33 @@ def test_concurrent_execs_keep_their_exit_codes(containerd, sleeper):
 
 def test_shim_fds_are_the_same_after_100_execs(containerd, sleeper):
     def run_exec(n):
-        """Whether exec number n did what it should. Of every ten, one fails in runc (no such
-        binary) and one has a terminal: the error path and a terminal's fds are counted too."""
+        """What exec number n gave, if not what it should (else None). Of every ten, one fails in
+        runc (no such binary) and one has a terminal: the error path and a terminal's fds are
+        counted too."""
         if n % 10 == 9:
-            rc, out, _ = finish(exec_popen(containerd, sleeper, f"fd-{n}", "/no/such/binary"), timeout=120)
-            return rc != 0 and out == ""
+            rc, out, err = finish(exec_popen(containerd, sleeper, f"fd-{n}", "/no/such/binary"), timeout=120)
+            return None if rc != 0 and out == "" else (rc, out, err)
         if n % 10 == 8:
             with PtyCtr(containerd, "task", "exec", "-t", "--exec-id", f"fd-{n}", sleeper,
                         "sh", "-c", f"{WAIT_FOR_SIZE} echo {n}") as term:
-                return term.wait(timeout=120) == 0 and term.output == f"{n}\r\n".encode()
-        return finish(exec_popen(containerd, sleeper, f"fd-{n}", "sh", "-c", f"echo {n}"), timeout=120) == \
-            (0, f"{n}\n", "")
+                rc = term.wait(timeout=120)
+                return None if rc == 0 and term.output == f"{n}\r\n".encode() else (rc, term.output)
+        result = finish(exec_popen(containerd, sleeper, f"fd-{n}", "sh", "-c", f"echo {n}"), timeout=120)
+        return None if result == (0, f"{n}\n", "") else result
 
     with ShimClient(containerd, sleeper) as shim:  # one connection throughout: a constant fd
         shim_pid = shim.shim_pid(sleeper)
         run_exec(0)  # warm up: whatever the shim opens once (event connection, ...) is open now
         before = open_fds(shim_pid)
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            failed = [n for n, ok in zip(range(100), pool.map(run_exec, range(100)), strict=True) if not ok]
+            failed = {n: got for n, got in zip(range(100), pool.map(run_exec, range(100)), strict=True)
+                      if got is not None}
         if failed:
-            xfail_unless_pyshim(containerd, f"lost the output of short execs {failed}")
-        assert not failed, f"execs {failed} did not give their output and exit code"
+            xfail_unless_pyshim(containerd, f"lost the output of short execs {sorted(failed)}")
+        mentions = re.compile(r"\bfd-(%s)\b" % "|".join(map(str, failed)))
+        log = [line for line in containerd.log_tail(1_000_000).splitlines() if mentions.search(line)]
+        assert not failed, f"execs did not give their output and exit code: {failed}; their log:\n" + \
+            "\n".join(log)
         # ctr returns once the exec is deleted; allow the shim a moment to finish closing.
         deadline = time.monotonic() + 5
         while len(after := open_fds(shim_pid)) > len(before) and time.monotonic() < deadline:
