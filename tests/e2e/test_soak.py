@@ -2,7 +2,8 @@
 status, every byte and every status checked, losses counted.
 
 Full counts (the README's Reliability table): 1,000 sequential `ctr run --rm`, 100 concurrent,
-200 concurrent execs into one container, and the shim's RSS after 500 execs against after 10:
+200 concurrent execs into one container, 600 execs four at a time, and the shim's RSS after 500
+execs against after 10:
 
     PYSHIM_SOAK_SCALE=1 PYSHIM_SOAK_REPORT=soak.json .venv/bin/python -m pytest tests/e2e/test_soak.py
 
@@ -29,7 +30,9 @@ from e2e.shims import open_fds
 from e2e.tasks import exec_popen, finish, remove, run_detached, xfail_unless_pyshim
 from private_containerd import daemon_version
 
-FULL = {"sequential": 1000, "concurrent": 100, "concurrent_execs": 200, "rss_execs": 500}
+FULL = {"sequential": 1000, "concurrent": 100, "concurrent_execs": 200, "pooled_execs": 600,
+        "rss_execs": 500}
+POOL = 4  # execs at a time in test_execs_four_at_a_time_lose_nothing
 RSS_WARM = 10          # execs before the first RSS reading
 RSS_TOLERANCE = 1 << 20  # bytes the shim's RSS may grow between 10 and the last exec
 
@@ -168,6 +171,25 @@ def test_concurrent_execs_lose_nothing(containerd, sleeper):
            shim_fds_after=len(after))
     judge(containerd, tally)
     assert len(after) <= len(before), f"{len(before)} fds before, {len(after)} after: {after}"
+
+
+def test_execs_four_at_a_time_lose_nothing(containerd, sleeper):
+    # A steady stream of short execs, as a kubelet's exec probes make: each ctr opens its
+    # output FIFOs in the background while the exec is created, started and done with.
+    n = count("pooled_execs")
+    batch = uuid.uuid4().hex[:6]
+
+    def one(i):
+        tag, status = f"pool-{batch}-{i}", i % 256
+        return tag, (outcome(exec_popen(containerd, sleeper, f"p{i}", *command(tag, status))),
+                     expected(tag, status))
+
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(POOL) as pool:
+        results = dict(pool.map(one, range(n)))
+    tally = account(results)
+    report(containerd, f"execs {POOL} at a time", tally, seconds=round(time.monotonic() - start, 1))
+    judge(containerd, tally)
 
 
 def test_shim_rss_is_flat_over_many_execs(containerd, sleeper):
