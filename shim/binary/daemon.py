@@ -13,13 +13,17 @@ import os
 import signal
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from shim.binary import log as shimlog
 from shim.linux.reaper import set_child_subreaper
 
 if TYPE_CHECKING:
     import socket
+
+    from shim.task.events import Publisher
+    from shim.task.service import TaskService
+    from shim.ttrpc import Server
 
 TASK_SERVICES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 
@@ -70,6 +74,26 @@ def run(listener_fd: int, debug: bool, namespace: str, cid: str, bundle: str,
         os._exit(1)
 
 
+def build(namespace: str, bundle: str, publisher: Publisher, request_shutdown: Callable[[], None],
+          trace_dir: str) -> tuple[TaskService, Server]:
+    """The task service and the ttrpc server with its methods registered: no thread
+    started, no signal handler set (the zygote's rehearsal builds them too, and drops them)."""
+    from shim.probe import hooks as probe
+    from shim.task.service import TaskService
+    from shim.ttrpc import Server
+
+    service = TaskService(namespace, bundle, publisher, request_shutdown)
+    server = Server()
+
+    def serve_table(table: dict, replace: bool = True) -> None:
+        for name in TASK_SERVICES:
+            server.register(name, table, replace=replace)
+
+    serve_table(probe.install(service.methods(), service.bundle_parent, trace_dir, serve_table),
+                replace=False)
+    return service, server
+
+
 def serve(listener: socket.socket, namespace: str, cid: str, bundle: str, ttrpc_address: str, *,
           start_stdin: bytes = b"", containerd_pid: int = 0,
           preloaded: frozenset[str] = frozenset()) -> None:
@@ -79,8 +103,6 @@ def serve(listener: socket.socket, namespace: str, cid: str, bundle: str, ttrpc_
     from shim.probe import hooks as probe
     from shim.probe import points
     from shim.task.events import Publisher
-    from shim.task.service import TaskService
-    from shim.ttrpc import Server
 
     # Where containerd's runc shim puts itself: ShimCgroup, and an OOM score one above
     # containerd's, so the kernel picks a shim before containerd.
@@ -114,18 +136,10 @@ def serve(listener: socket.socket, namespace: str, cid: str, bundle: str, ttrpc_
         stopping.set()
         service.reaper.wake()
 
-    service = TaskService(namespace, bundle, publisher, request_shutdown)
+    service, server = build(namespace, bundle, publisher, request_shutdown, trace_dir)
     service.reaper.install()
     signal.signal(signal.SIGTERM, lambda *_: request_shutdown())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    server = Server()
-
-    def serve_table(table: dict, replace: bool = True) -> None:
-        for name in TASK_SERVICES:
-            server.register(name, table, replace=replace)
-
-    serve_table(probe.install(service.methods(), service.bundle_parent, trace_dir, serve_table),
-                replace=False)
     threading.Thread(target=server.serve, args=(listener,), name="ttrpc", daemon=True).start()
     # Only now the other threads: each start waits for its thread to run, time that
     # containerd's first request (Create) no longer waits for.

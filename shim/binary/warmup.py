@@ -79,26 +79,18 @@ def rehearse() -> None:
 def _start_up(i: int) -> None:
     """What a daemon does before its first thread starts (shim.binary.daemon.serve), on
     objects that are then dropped: no thread starts, no signal handler is set."""
+    from shim.binary import daemon
     from shim.binary import log as shimlog
-    from shim.binary.daemon import TASK_SERVICES
     from shim.probe import hooks as probe
     from shim.runtime import options
     from shim.task.events import Publisher
-    from shim.task.service import TaskService
-    from shim.ttrpc import Server
 
     shimlog.setup(False, namespace="warmup", id=f"warmup-{i}")
     options.from_start_stdin(b"", "warmup", "warmup")
     probe.reset()
-    service = TaskService("warmup", "/", Publisher("", "warmup", start=False), lambda: None)
-    try:
-        server = Server()
-        for name in TASK_SERVICES:
-            server.register(name, probe.install(service.methods(), "/", "", lambda *_: None),
-                            replace=False)
-    finally:
-        service.oom.close()
-        service.reaper.close()
+    service, _ = daemon.build("warmup", "/", Publisher("", "warmup", start=False), lambda: None, "")
+    service.oom.close()
+    service.reaper.close()
     environ = dict(os.environ)
     os.environ.clear()  # as a daemon replaces the zygote's environment with start's
     os.environ.update(environ)
