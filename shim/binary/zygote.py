@@ -261,7 +261,7 @@ def serve(containerd_address: str) -> None:
                         pass
                 except BlockingIOError:
                     pass
-            while children:
+            while children or spare is not None:
                 try:
                     pid, _ = os.waitpid(-1, os.WNOHANG)
                 except ChildProcessError:
@@ -299,8 +299,9 @@ def serve(containerd_address: str) -> None:
             elif not children and time.monotonic() - last_activity > IDLE_SECONDS:
                 return
             elif refill_at is not None and time.monotonic() >= refill_at:
-                refill_at = None
                 spare = _fork_spare(sock, own_fds, containerd_address, preloaded)
+                # Out of processes or fds: starts fork their daemons meanwhile.
+                refill_at = None if spare is not None else time.monotonic() + IDLE_SECONDS
     finally:
         if spare is not None:
             spare.close()  # it sees the end of its pair, and exits

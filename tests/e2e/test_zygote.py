@@ -145,6 +145,25 @@ def test_a_spare_goes_with_its_zygote(pyshim_only, containerd, ctr, run, cid):
     remove(ctr, cid)
 
 
+def test_a_killed_spare_is_reaped_at_once(pyshim_only, containerd, run):
+    """Even when no daemon of the zygote runs: a spare's exit is the zygote's to reap."""
+    assert run("true").rc == 0
+    z = the_zygote(containerd)
+    wait_until(lambda: spares(z), what="a spare daemon")
+    [spare] = spares(z)
+    wait_until(lambda: [c.pid for c in z.children()] == [spare.pid], what="the shim of `true` gone")
+    spare.kill()
+
+    def reaped():  # neither running nor a zombie any more
+        try:
+            spare.status()
+        except psutil.NoSuchProcess:
+            return True
+        return False
+    wait_until(reaped, 2, "the killed spare reaped")
+    assert z.is_running() and z.status() != psutil.STATUS_ZOMBIE
+
+
 def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
     assert run("true").rc == 0
     wait_until(lambda: zygotes(containerd), what="a zygote")
