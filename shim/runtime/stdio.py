@@ -310,13 +310,16 @@ class ProcessIO:
         the background, blocking until a writer is there, and an open that came only
         after the output was copied and the writer closed would wait for ever; the output,
         in the FIFO all along, would be lost with it. runc-v2 waits for the reader too."""
-        delay = 0.001
+        # The client's open usually comes within milliseconds, or tens of them on a loaded
+        # machine; the exit event waits for it: look again after at most a quarter of the
+        # time waited so far, and never less often than every READER_POLL.
+        delay = 0.0005
         poller = select.poll()
         poller.register(self._stop_r, select.POLLIN)
         while (fd := _open_writer(path)) is None:
             if poller.poll(delay * 1000):
                 return None
-            delay = min(delay * 2, READER_POLL)
+            delay = min(delay * 1.25, READER_POLL)
         return fd
 
     def _start(self, name: str, target: Callable[..., None], *args: object) -> None:

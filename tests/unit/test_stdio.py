@@ -117,6 +117,22 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def open_as_containerd(fifo: Path) -> int:
+    """The client's end of an output FIFO opened the way containerd's client opens it: a
+    blocking open(2), which returns once a writer is there. Fails if none comes."""
+    opened: list[int] = []
+    opener = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_RDONLY | os.O_CLOEXEC)),
+                              daemon=True)
+    opener.start()
+    opener.join(DEADLINE)
+    if opener.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # let the open return
+        opener.join(DEADLINE)
+        close_all(opened)
+        raise AssertionError(f"no writer came for the client's open of {fifo}")
+    return opened[0]
+
+
 # -- stdout and stderr --------------------------------------------------------------------
 
 
@@ -216,9 +232,8 @@ def test_an_output_fifo_opened_by_the_client_only_later(tmp_path, no_leaks):
     io.started()
     assert w_out is not None
     write_all(w_out, b"early ")
-    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = open_as_containerd(fifo)
     try:
-        os.set_blocking(fd, True)
         late = Reader(fd)
         write_all(w_out, b"and late")
         os.close(w_out)
@@ -229,47 +244,40 @@ def test_an_output_fifo_opened_by_the_client_only_later(tmp_path, no_leaks):
     io.close()
 
 
+def exited_before_the_client_opened(tmp_path: Path, output: bytes) -> tuple[Path, ProcessIO]:
+    """A stdout FIFO nobody has opened yet, and the stdio of a process that wrote `output`
+    to it and exited."""
+    fifo = tmp_path / "stdout"
+    os.mkfifo(fifo)
+    io = ProcessIO(LABEL, "", str(fifo), "")
+    _, w_out, _ = inherit(io)
+    io.started()
+    assert w_out is not None
+    write_all(w_out, output)
+    os.close(w_out)
+    return fifo, io
+
+
 def test_a_client_whose_blocking_open_comes_after_the_output_still_gets_it(tmp_path, no_leaks):
     # containerd's client opens its FIFO ends in the background, with a blocking open(2),
     # which waits for a writer: one that comes after the process's output is complete must
     # still find the shim's writer there, and the output.
-    fifo = tmp_path / "stdout"
-    os.mkfifo(fifo)
-    io = ProcessIO(LABEL, "", str(fifo), "")
-    _, w_out, _ = inherit(io)
-    io.started()
-    assert w_out is not None
-    write_all(w_out, b"all of it\n")
-    os.close(w_out)  # the process has exited
-    assert not io.wait_drained(0.2)  # not copied: nobody to copy it to yet
-    opened: list[int] = []
-    opener = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_RDONLY | os.O_CLOEXEC)),
-                              daemon=True)
-    opener.start()
-    opener.join(DEADLINE)
-    if opener.is_alive():  # the bug: no writer will ever come; let the open return
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        opener.join(DEADLINE)
+    fifo, io = exited_before_the_client_opened(tmp_path, b"all of it\n")
     try:
-        assert opener is not None and len(opened) == 1
-        late = Reader(opened[0])
-        assert io.wait_drained(DEADLINE)
-        assert late.result() == b"all of it\n"
+        assert not io.wait_drained(0.2)  # not copied: nobody to copy it to yet
+        fd = open_as_containerd(fifo)
+        try:
+            late = Reader(fd)
+            assert io.wait_drained(DEADLINE)
+            assert late.result() == b"all of it\n"
+        finally:
+            os.close(fd)
     finally:
-        close_all(opened)
         io.close()
-    assert not opener.is_alive()
 
 
 def test_close_stops_a_copy_waiting_for_its_client(tmp_path, no_leaks):
-    fifo = tmp_path / "stdout"
-    os.mkfifo(fifo)
-    io = ProcessIO(LABEL, "", str(fifo), "")
-    _, w_out, _ = inherit(io)
-    io.started()
-    assert w_out is not None
-    write_all(w_out, b"never read")
-    os.close(w_out)
+    fifo, io = exited_before_the_client_opened(tmp_path, b"never read")
     assert not io.wait_drained(0.1)
     start = time.monotonic()
     io.close()
