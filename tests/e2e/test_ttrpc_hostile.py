@@ -11,7 +11,6 @@ where it keeps fds or memory the fuzz made it take, the test is an expected fail
 """
 import os
 import random
-import socket
 import struct
 import subprocess
 import threading
@@ -22,6 +21,7 @@ import pytest
 from google.protobuf.message import DecodeError
 
 from e2e import shims
+from e2e.hostile_client import connect, connect_bursts, hostile_prelude, send_quietly
 from e2e.shimapi import PYSHIM, ShimClient
 from e2e.tasks import remove, run_detached
 from shim.api import task_pb2
@@ -45,53 +45,6 @@ UNDECODABLE = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length past the end: no me
 
 def address(containerd, cid):
     return shims.shim_address(shims.bundle(containerd, cid)).removeprefix("unix://")
-
-
-def connect(path, timeout=5.0):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(path)
-    return s
-
-
-def send_quietly(sock, data):
-    try:
-        sock.sendall(data)
-    except OSError:
-        pass  # the shim hung up on us: allowed
-
-
-def hostile_prelude(path):
-    """A few malformed frames and a half-sent header (left open)."""
-    for garbage in (b"\xff" * 32, struct.pack(">IIBB", 5, 1, 0x09, 0) + b"hello",
-                    codec.encode_frame(2, REQUEST, 0, b"\xff\xff")):
-        s = connect(path)
-        send_quietly(s, garbage)
-        s.close()
-    half = connect(path)
-    half.sendall(b"\x00\x00\x00")
-    return half
-
-
-def connect_bursts(path, total=200, burst=20):
-    """(connections that got EAGAIN, bursts with any); each connect with a 5 s timeout, which makes
-    the socket non-blocking, so a full listen backlog fails it at once with EAGAIN."""
-    refused = bursts = 0
-    for _ in range(total // burst):
-        socks, hit = [], 0
-        for _ in range(burst):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(5)
-            try:
-                s.connect(path)
-            except BlockingIOError:
-                hit += 1
-            socks.append(s)
-        for s in socks:
-            s.close()
-        refused += hit
-        bursts += hit > 0
-    return refused, bursts
 
 
 def listen_backlog(path):

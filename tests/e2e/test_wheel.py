@@ -8,7 +8,6 @@ path (`ctr run --runtime /…/containerd-shim-pyshim-v1`), beside the session's 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -16,6 +15,7 @@ import pytest
 
 from e2e.harness import command_line
 from e2e.shims import ZYGOTE_PREPARE_SECONDS as PREPARE_SECONDS, wait_until
+from e2e.tasks import remove
 from shim.binary import launcher
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,15 +80,6 @@ def logged(containerd, offset):
     return [line for line in containerd.log_tail(10_000, offset=offset).splitlines() if "pyshim zygote for" in line]
 
 
-def remove(ctr, cid):
-    ctr("task", "kill", "--signal", "SIGKILL", cid)
-    for _ in range(100):
-        if ctr("task", "rm", cid).rc == 0:
-            break
-        time.sleep(0.05)
-    assert ctr("container", "rm", cid).rc == 0
-
-
 def test_a_shim_from_a_built_wheel_starts_a_zygote(pyshim_only, containerd, ctr, wheel_bin):
     shim = str(wheel_bin / launcher.NAME)
     python = interpreter(shim)
@@ -109,7 +100,7 @@ def test_a_shim_from_a_built_wheel_starts_a_zygote(pyshim_only, containerd, ctr,
         daemon = psutil.Process(psutil.Process(pid).ppid())  # the container's parent
         assert daemon.ppid() == z.pid
     finally:
-        remove(ctr, cid)
+        remove(containerd, ctr, cid)
 
 
 def test_a_zygote_that_cannot_start_says_so_in_the_log(pyshim_only, containerd, ctr, wheel_bin):

@@ -9,6 +9,7 @@ import pytest
 
 from e2e.harness import command_line, shim_dir
 from e2e.shims import ZYGOTE_PREPARE_SECONDS as PREPARE_SECONDS, shim_pid, wait_until
+from e2e.tasks import remove
 from shim.binary import launcher, zygote
 from shim.binary.address import is_live
 
@@ -78,15 +79,6 @@ def start_sleeper(containerd, ctr, cid):
     assert result.rc == 0, result.stderr
 
 
-def remove(ctr, cid):
-    ctr("task", "kill", "--signal", "SIGKILL", cid)
-    for _ in range(100):
-        if ctr("task", "rm", cid).rc == 0:
-            break
-        time.sleep(0.05)
-    assert ctr("container", "rm", cid).rc == 0
-
-
 def test_later_shims_are_forked_by_the_zygote(pyshim_only, containerd, ctr, run, cid):
     assert run("true").rc == 0  # leaves a zygote behind if none was running
     z = the_zygote(containerd)
@@ -94,7 +86,7 @@ def test_later_shims_are_forked_by_the_zygote(pyshim_only, containerd, ctr, run,
     try:
         assert shim_of(containerd, cid).ppid() == z.pid
     finally:
-        remove(ctr, cid)
+        remove(containerd, ctr, cid)
 
 
 def spares(z):
@@ -125,7 +117,7 @@ def test_the_next_shim_is_the_spare_forked_ahead(pyshim_only, containerd, ctr, r
         [after] = spares(z)
         assert after.pid != spare.pid
     finally:
-        remove(ctr, cid)
+        remove(containerd, ctr, cid)
 
 
 def test_a_spare_goes_with_its_zygote(pyshim_only, containerd, ctr, run, cid):
@@ -142,7 +134,7 @@ def test_a_spare_goes_with_its_zygote(pyshim_only, containerd, ctr, run, cid):
     assert shim.is_running()
     result = ctr("task", "exec", "--exec-id", "after", cid, "sh", "-c", "exit 5")
     assert result.rc == 5
-    remove(ctr, cid)
+    remove(containerd, ctr, cid)
 
 
 def test_a_killed_spare_is_reaped_at_once(pyshim_only, containerd, run):
@@ -178,7 +170,7 @@ def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
     # The orphaned shim still serves its container: exec, then a clean stop.
     result = ctr("task", "exec", "--exec-id", "after", cid, "sh", "-c", "echo alive; exit 3")
     assert (result.rc, result.stdout) == (3, "alive\n")
-    remove(ctr, cid)
+    remove(containerd, ctr, cid)
     assert run("echo", "next").stdout == "next\n"  # and new containers still start
     # ...and the next zygote takes over the address (the dead socket is replaced).
     z = the_zygote(containerd)
@@ -230,7 +222,7 @@ def test_a_zygote_exits_when_its_installed_code_changes(pyshim_only, containerd,
         os.utime(module, ns=(times.st_atime_ns, times.st_mtime_ns))  # the same times: only the event
         z.wait(5)  # raises psutil.TimeoutExpired if the zygote stays
     finally:
-        remove(ctr, cid)
+        remove(containerd, ctr, cid)
     assert not shim.is_running() or shim.wait(10) is not None
     assert run("echo", "next").stdout == "next\n"
     assert the_zygote(containerd).pid != z.pid
@@ -261,7 +253,7 @@ def test_the_zygote_goes_with_its_containerd(pyshim_only, containerd, ctr, run, 
         assert shim.is_running()  # its daemon does not depend on it
     result = ctr("task", "exec", "--exec-id", "after", cid, "sh", "-c", "exit 4")
     assert result.rc == 4
-    remove(ctr, cid)
+    remove(containerd, ctr, cid)
 
 
 def test_a_forked_shim_imports_nothing_the_zygote_lacks(pyshim_only, containerd, ctr, run, cid):
@@ -278,7 +270,7 @@ def test_a_forked_shim_imports_nothing_the_zygote_lacks(pyshim_only, containerd,
     assert ctr("task", "pause", cid).rc == 0
     assert ctr("task", "resume", cid).rc == 0
     assert ctr("task", "metrics", cid).rc == 0
-    remove(ctr, cid)
+    remove(containerd, ctr, cid)
     shim.wait(10)
     lines = containerd.log_tail(10_000, offset=offset).splitlines()
     assert any("shutting down" in line and f"id={cid}" in line for line in lines)  # it logged

@@ -14,6 +14,7 @@ import time
 import pytest
 from google.protobuf import wrappers_pb2
 
+from e2e.hostile_client import connect_bursts, hostile_prelude
 from shim.binary.address import listen
 from shim.ttrpc import Client, Code, Server, codec
 from shim.ttrpc.codec import REQUEST
@@ -50,42 +51,6 @@ def bounded(sockdir, request):
     r = Running(os.path.join(sockdir, "s.sock"), limits=request.param)
     yield r
     r.stop()
-
-
-def hostile_prelude(path):
-    """A few malformed frames and a half-sent header; the half-open connection is returned."""
-    for garbage in (b"\xff" * 32,
-                    struct.pack(">IIBB", 5, 1, 0x09, 0) + b"hello",  # unknown message type
-                    codec.encode_frame(2, REQUEST, 0, b"\xff\xff")):  # even stream id, bad protobuf
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(path)
-        s.sendall(garbage)
-        s.close()
-    half = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    half.connect(path)
-    half.sendall(b"\x00\x00\x00")
-    return half
-
-
-def connect_bursts(path, total=200, burst=20):
-    """(connections that got EAGAIN, bursts with any): each connect with a 5 s timeout, which makes
-    the socket non-blocking, so a full listen backlog fails it at once with EAGAIN."""
-    refused = bursts = 0
-    for _ in range(total // burst):
-        socks, hit = [], 0
-        for _ in range(burst):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(5)
-            try:
-                s.connect(path)
-            except BlockingIOError:
-                hit += 1
-            socks.append(s)
-        for s in socks:
-            s.close()
-        refused += hit
-        bursts += hit > 0
-    return refused, bursts
 
 
 def test_accept_bursts_after_garbage_never_fill_the_backlog(sockdir):
