@@ -106,13 +106,44 @@ def failure_path(containerd_address: str) -> str:
     return socket_path(containerd_address) + ".failed"
 
 
+def lock_path(containerd_address: str) -> str:
+    """The zygote of an address holds a lock (flock) on this file from before it imports
+    anything until it exits: one zygote gets ready at a time, however many starts find
+    none serving (a burst of starts on an idle node each spawned one, and all but one
+    imported everything only to find the socket taken)."""
+    return socket_path(containerd_address) + ".lock"
+
+
+def _claim(containerd_address: str) -> int | None:
+    """An fd holding the address's zygote lock; -1 if another process holds it; None if
+    there is no lock to take (the zygote then finds out at bind)."""
+    import fcntl
+    try:
+        os.makedirs(ZYGOTE_DIR, mode=0o700, exist_ok=True)
+        fd = os.open(lock_path(containerd_address), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return -1
+    return fd
+
+
 def spawn(containerd_address: str) -> None:
-    """Start a zygote in the background (from `start`, after it has done its job)."""
+    """Start a zygote in the background (from `start`, after it has done its job), unless
+    one is already getting ready or serving."""
     if os.environ.get(DISABLE_ENV):
         return
     _report_failure(containerd_address)
+    lock = _claim(containerd_address)
+    if lock == -1:
+        return
     pid = os.fork()
     if pid != 0:
+        if lock is not None:
+            os.close(lock)  # the zygote holds it now (a lock belongs to the open file)
         os.waitpid(pid, 0)  # the intermediate child exits at once
         return
     try:
@@ -134,8 +165,12 @@ def spawn(containerd_address: str) -> None:
         os.chdir("/")
         try:
             code = ZYGOTE_MAIN.format(paths=launcher.search_path(), runtime=RUNTIME)
+            held = []
+            if lock is not None:
+                os.set_inheritable(lock, True)
+                held = ["-lock", str(lock)]
             os.execv(sys.executable, [sys.executable, "-IS", "-c", code,
-                                      "-address", containerd_address, "zygote"])
+                                      "-address", containerd_address, *held, "zygote"])
         except (OSError, ImportError) as e:
             report("error", f"pyshim zygote cannot start: {e}", fd=2)
     finally:
@@ -170,11 +205,12 @@ def _record_failure(containerd_address: str, reason: str) -> None:
 def main() -> None:
     """The zygote process (see ZYGOTE_MAIN): its command line says what it is in ps."""
     address = sys.argv[sys.argv.index("-address") + 1]
+    lock = int(sys.argv[sys.argv.index("-lock") + 1]) if "-lock" in sys.argv else -1
     from shim.binary.launcher import NAME
     _set_command_line([NAME, "-address", address, "zygote"])
     code = 0
     try:
-        serve(address)
+        serve(address, lock)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     # No interpreter clean-up, as for the shim's binary: it would wait for the threads the
@@ -198,7 +234,9 @@ def _code_stamp() -> float:
     return newest
 
 
-def serve(containerd_address: str) -> None:
+def serve(containerd_address: str, lock: int = -1) -> None:
+    """Serve starts until idle, outdated or orphaned; `lock` is the fd of the address's
+    lock (lock_path) that `spawn` took for this zygote, -1 without one."""
     import select
     import time
 
@@ -206,6 +244,8 @@ def serve(containerd_address: str) -> None:
     from shim.binary.address import is_live
     from shim.linux import inotify
 
+    if lock >= 0:
+        os.set_inheritable(lock, False)
     # Watched before _prepare imports the daemon's modules: a change meanwhile counts too.
     try:
         code_watch = inotify.watch_sources(os.path.dirname(_source_dir()))
@@ -238,7 +278,9 @@ def serve(containerd_address: str) -> None:
     except OSError:
         pass
     stamp = _code_stamp() if code_watch < 0 else 0.0
-    own_fds = (wake_r, wake_w) + ((code_watch,) if code_watch >= 0 else ())
+    # What a forked child must not keep; the lock above all, or a daemon would keep every
+    # later zygote of the address from starting.
+    own_fds = (wake_r, wake_w) + tuple(fd for fd in (code_watch, lock) if fd >= 0)
 
     children: set[int] = set()
     last_activity = time.monotonic()
@@ -307,10 +349,11 @@ def serve(containerd_address: str) -> None:
             spare.close()  # it sees the end of its pair, and exits
         # Unlink before closing: once the name is gone no start can reach this zygote,
         # and a new zygote's socket cannot be bound under it yet.
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        for name in (path, lock_path(containerd_address) if lock >= 0 else ""):
+            try:
+                os.unlink(name)
+            except OSError:
+                pass
         sock.close()
         if code_watch >= 0:
             os.close(code_watch)
@@ -362,18 +405,32 @@ def _prepare(containerd_address: str) -> tuple[socket.socket, str, frozenset[str
 
 
 def _remove_dead_sockets(own: str) -> None:
-    """Sockets of zygotes that were killed (nothing else could remove them)."""
+    """Sockets and locks of zygotes that were killed (nothing else could remove them)."""
+    import fcntl
     import socket
 
     from shim.binary.address import is_live
     for name in os.listdir(ZYGOTE_DIR):
         path = os.path.join(ZYGOTE_DIR, name)
-        if (path != own and name.startswith("zygote-") and name.endswith(".sock")
-                and not is_live(path, socket.SOCK_SEQPACKET)):
+        if not name.startswith("zygote-") or path in (own, own + ".lock"):
+            continue
+        if name.endswith(".sock") and not is_live(path, socket.SOCK_SEQPACKET):
             try:
                 os.unlink(path)
             except OSError:
                 pass
+        elif name.endswith(".sock.lock"):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it: stale
+                os.unlink(path)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
 
 class _Spare:

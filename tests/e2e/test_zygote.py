@@ -1,4 +1,5 @@
 """The zygote (shim/binary/zygote.py): shims forked from a warmed interpreter, never dependent on it."""
+import fcntl
 import os
 import socket
 import subprocess
@@ -154,6 +155,36 @@ def test_a_killed_spare_is_reaped_at_once(pyshim_only, containerd, run):
         return False
     wait_until(reaped, 2, "the killed spare reaped")
     assert z.is_running() and z.status() != psutil.STATUS_ZOMBIE
+
+
+def test_no_second_zygote_gets_ready_while_one_holds_the_lock(pyshim_only, containerd, run):
+    """A start that finds no zygote serving spawns one only if none is getting ready: the
+    zygote of an address holds its lock from before its imports until it exits."""
+    for z in zygotes(containerd):
+        z.kill()
+        z.wait(5)
+
+    def getting_ready():  # any zygote process of this containerd, bound or not yet
+        found = []
+        for proc in psutil.Process(containerd.process.pid).children():
+            try:
+                if command_line(proc)[-1:] == ["zygote"] and containerd.address in command_line(proc):
+                    found.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        return found
+    path = install_socket(containerd) + ".lock"  # zygote.lock_path, as the install under test has it
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # as a zygote getting ready would
+        assert run("echo", "without").stdout == "without\n"  # its start forks the daemon itself
+        time.sleep(1)
+        assert getting_ready() == []
+    finally:
+        os.close(fd)
+    assert run("echo", "with").stdout == "with\n"
+    wait_until(lambda: zygotes(containerd), PREPARE_SECONDS, "a zygote, once the lock is free")
 
 
 def test_shims_outlive_a_killed_zygote(pyshim_only, containerd, ctr, run, cid):
