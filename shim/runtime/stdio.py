@@ -47,7 +47,9 @@ QUIET_MS = 100  # a terminal whose process exited is copied until it is this lon
 # long it waits when nobody reads it at all (a detached client): see `wait_read`.
 READ_TIMEOUT = 2.0
 READ_STALL = 0.25
-READER_POLL = 0.02  # how often, at most, a copy loop looks for the client's late reader
+# The longest a copy loop waits between two looks for the client's late reader: a reader
+# that never comes (its client died first) then costs one wake-up a second.
+READER_POLL = 1.0
 
 
 def _close(fd: int | None) -> None:
@@ -311,8 +313,8 @@ class ProcessIO:
         after the output was copied and the writer closed would wait for ever; the output,
         in the FIFO all along, would be lost with it. runc-v2 waits for the reader too."""
         # The client's open usually comes within milliseconds, or tens of them on a loaded
-        # machine; the exit event waits for it: look again after at most a quarter of the
-        # time waited so far, and never less often than every READER_POLL.
+        # machine, and the exit event waits for it: look again after a quarter of the time
+        # waited so far (from 0.5 ms, up to READER_POLL).
         delay = 0.0005
         poller = select.poll()
         poller.register(self._stop_r, select.POLLIN)
