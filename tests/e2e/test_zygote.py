@@ -85,7 +85,15 @@ def test_later_shims_are_forked_by_the_zygote(pyshim_only, containerd, ctr, run,
     z = the_zygote(containerd)
     start_sleeper(containerd, ctr, cid)
     try:
-        assert shim_of(containerd, cid).ppid() == z.pid
+        shim = shim_of(containerd, cid)
+        assert shim.ppid() == z.pid
+        # Only the zygote holds its lock: a daemon that kept it would keep every later
+        # zygote of this containerd from getting ready.
+        lock = install_socket(containerd) + ".lock"
+        assert lock in {f.path for f in z.open_files()}
+        assert lock not in {f.path for f in shim.open_files()}
+        for spare in spares(z):
+            assert lock not in {f.path for f in spare.open_files()}
     finally:
         remove(containerd, ctr, cid)
 
