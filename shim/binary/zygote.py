@@ -114,21 +114,27 @@ def lock_path(containerd_address: str) -> str:
     return socket_path(containerd_address) + ".lock"
 
 
-def _claim(containerd_address: str) -> int | None:
-    """An fd holding the address's zygote lock; -1 if another process holds it; None if
-    there is no lock to take (the zygote then finds out at bind)."""
+def _try_lock(path: str, flags: int) -> int:
+    """An fd of `path` (opened with `flags`) that holds its lock; -1 if another process
+    holds it. OSError if the file cannot be opened."""
     import fcntl
-    try:
-        os.makedirs(ZYGOTE_DIR, mode=0o700, exist_ok=True)
-        fd = os.open(lock_path(containerd_address), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return None
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         return -1
     return fd
+
+
+def _claim(containerd_address: str) -> int | None:
+    """An fd holding the address's zygote lock; -1 if another process holds it; None if
+    there is no lock to take (the zygote then finds out at bind)."""
+    try:
+        os.makedirs(ZYGOTE_DIR, mode=0o700, exist_ok=True)
+        return _try_lock(lock_path(containerd_address), os.O_RDWR | os.O_CREAT)
+    except OSError:
+        return None
 
 
 def spawn(containerd_address: str) -> None:
@@ -349,7 +355,7 @@ def serve(containerd_address: str, lock: int = -1) -> None:
             spare.close()  # it sees the end of its pair, and exits
         # Unlink before closing: once the name is gone no start can reach this zygote,
         # and a new zygote's socket cannot be bound under it yet.
-        for name in (path, lock_path(containerd_address) if lock >= 0 else ""):
+        for name in [path] + ([lock_path(containerd_address)] if lock >= 0 else []):
             try:
                 os.unlink(name)
             except OSError:
@@ -406,7 +412,6 @@ def _prepare(containerd_address: str) -> tuple[socket.socket, str, frozenset[str
 
 def _remove_dead_sockets(own: str) -> None:
     """Sockets and locks of zygotes that were killed (nothing else could remove them)."""
-    import fcntl
     import socket
 
     from shim.binary.address import is_live
@@ -421,15 +426,14 @@ def _remove_dead_sockets(own: str) -> None:
                 pass
         elif name.endswith(".sock.lock"):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = _try_lock(path, os.O_RDONLY)
             except OSError:
                 continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it: stale
-                os.unlink(path)
-            except OSError:
-                pass
-            finally:
+            if fd >= 0:  # nobody holds it: stale
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
                 os.close(fd)
 
 

@@ -18,7 +18,6 @@ import time
 from google.protobuf.message import Message
 
 from shim.binary import address
-from shim.binary.address import is_live
 from shim.proxy import record, target
 from shim.proxy.target import State
 
@@ -37,7 +36,7 @@ def delete(argv: list[str], flags: dict[str, str | bool], namespace: str, cid: s
         binary = state.target_binary
         proxy_path = state.proxy_address.removeprefix("unix://")
         target_path = state.target_address.removeprefix("unix://")
-        if not is_live(proxy_path) and is_live(target_path):
+        if not address.is_live(proxy_path) and address.is_live(target_path):
             stopped = stop_in_target(target_path, namespace, cid)
             if trace is not None:
                 record.phase(trace, "stop-orphaned-target", cid, {"steps": stopped})
@@ -103,7 +102,7 @@ def _remove_stale(state: State, *more: str) -> None:
     for path in (state.proxy_address.removeprefix("unix://"), state.events_socket,
                  state.target_address.removeprefix("unix://"), *more):  # a dead target's too
         try:
-            if os.path.exists(path) and not is_live(path):
+            if os.path.exists(path) and not address.is_live(path):
                 os.unlink(path)
         except OSError:
             pass
