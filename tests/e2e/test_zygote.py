@@ -25,15 +25,32 @@ def install_socket(containerd):
                           capture_output=True, text=True, check=True).stdout.strip()
 
 
-def zygotes(containerd):
-    """The zygote processes of this containerd and the install under test: direct children of
-    its subreaper."""
-    socket = install_socket(containerd)
+def install_lock(containerd):
+    """zygote.lock_path of the install under test."""
+    return install_socket(containerd) + ".lock"
+
+
+def zygote_processes(containerd):
+    """Every zygote process of this containerd, bound to its socket or not yet: direct
+    children of its subreaper."""
     found = []
     for proc in psutil.Process(containerd.process.pid).children():
         try:
-            if command_line(proc)[-1:] == ["zygote"] and containerd.address in proc.cmdline() and \
-                    any(c.laddr == socket for c in proc.net_connections(kind="unix")):
+            if command_line(proc)[-1:] == ["zygote"] and containerd.address in command_line(proc):
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def zygotes(containerd):
+    """The zygotes of this containerd and the install under test that serve (listen on the
+    install's socket)."""
+    socket = install_socket(containerd)
+    found = []
+    for proc in zygote_processes(containerd):
+        try:
+            if any(c.laddr == socket for c in proc.net_connections(kind="unix")):
                 found.append(proc)
         except psutil.NoSuchProcess:
             pass
@@ -89,7 +106,7 @@ def test_later_shims_are_forked_by_the_zygote(pyshim_only, containerd, ctr, run,
         assert shim.ppid() == z.pid
         # Only the zygote holds its lock: a daemon that kept it would keep every later
         # zygote of this containerd from getting ready.
-        lock = install_socket(containerd) + ".lock"
+        lock = install_lock(containerd)
         assert lock in {f.path for f in z.open_files()}
         assert lock not in {f.path for f in shim.open_files()}
         for spare in spares(z):
@@ -172,23 +189,14 @@ def test_no_second_zygote_gets_ready_while_one_holds_the_lock(pyshim_only, conta
         z.kill()
         z.wait(5)
 
-    def getting_ready():  # any zygote process of this containerd, bound or not yet
-        found = []
-        for proc in psutil.Process(containerd.process.pid).children():
-            try:
-                if command_line(proc)[-1:] == ["zygote"] and containerd.address in command_line(proc):
-                    found.append(proc)
-            except psutil.NoSuchProcess:
-                pass
-        return found
-    path = install_socket(containerd) + ".lock"  # zygote.lock_path, as the install under test has it
+    path = install_lock(containerd)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # as a zygote getting ready would
         assert run("echo", "without").stdout == "without\n"  # its start forks the daemon itself
         time.sleep(1)
-        assert getting_ready() == []
+        assert zygote_processes(containerd) == []
     finally:
         os.close(fd)
     assert run("echo", "with").stdout == "with\n"
